@@ -1,0 +1,32 @@
+# Two commands matter: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench-actors clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Start the daemon on the embedded default (in memory, 127.0.0.1:8050).
+run: $(STAMP)
+	$(VENV)/bin/actor-broker serve
+
+## Run the whole test suite, plus the linter.
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## Actor runtime micro-benchmark (about a minute).
+bench-actors: $(STAMP)
+	$(PY) bench/actors.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

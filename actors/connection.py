@@ -1,0 +1,364 @@
+"""ConnectionActor: one socket's outbound side, and the first reader of its input.
+
+Outbound, it keeps one write in flight at a time: what arrives meanwhile
+waits in its queue and goes out together in the next write (coalescing).
+Unsent bytes are the queue plus the write in flight; replayed history does
+not count. When live bytes pass `max_queue_bytes` the queue is compacted
+(a task_progress superseded by a newer one for the same task is dropped),
+and if that is not enough the connection is closed with 4008
+`slow_consumer` (the client can come back with `last_seq`).
+
+Inbound, it parses the client's frames, answers what it can (ping,
+errors), and forwards the rest to its session.
+
+It writes through a `Transport` (actors/transport.py), never a Tornado
+handler, so it is tested with a recording fake.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from actors.filters import FilterError, parse_event_list
+from actors.messages import (
+    FLUSHED,
+    KEEPALIVE_CHECK,
+    ChangeFilter,
+    ClientMessage,
+    CloseConnection,
+    DescribeConnection,
+    Detach,
+    Flushed,
+    Frame,
+    KeepaliveCheck,
+    Replay,
+    TransportClosed,
+)
+from actors.runtime import LoopActor
+from actors.session import control_frame, iso_now
+
+if TYPE_CHECKING:
+    from pykka import ActorRef
+
+    from actors.stats import BrokerStats
+    from actors.transport import Transport
+    from broker.config import Settings
+
+log = structlog.get_logger("actor_broker.connection")
+
+#: Most bytes handed to the transport in one write; replay goes out in parts this size.
+WRITE_CHUNK = 64 * 1024
+#: Window for counting a client's errors (PROTOCOL.md: a sliding 60 s).
+ERROR_WINDOW = 60.0
+
+SLOW_CONSUMER = 4008
+
+
+class _Queued:
+    __slots__ = ("frame", "live")
+
+    def __init__(self, frame: Frame | CloseConnection, live: bool) -> None:
+        self.frame = frame
+        self.live = live
+
+
+class ConnectionActor(LoopActor):
+    def __init__(
+        self,
+        connection_id: str,
+        session_id: str,
+        session: ActorRef[Any],
+        transport: Transport,
+        settings_source: Any,
+        stats: BrokerStats,
+    ) -> None:
+        super().__init__()
+        self.connection_id = connection_id
+        self.session_id = session_id
+        self.session = session
+        self.transport = transport
+        self._settings_source = settings_source  # has .settings; reloads show up here
+        self.stats = stats
+        self.queue: deque[_Queued] = deque()
+        self.queued_live_bytes = 0
+        self.inflight_live_bytes = 0
+        self.inflight = False
+        self.closed = False
+        self.acked_seq: int | None = None
+        self.last_write = 0.0
+        self.errors: deque[float] = deque()
+        self._keepalive_timer: Any = None
+        self.log = log.bind(session_id=session_id, connection_id=connection_id)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings_source.settings
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.stats.active_connections += 1
+        self.last_write = self.clock.monotonic()
+        self._arm_keepalive()
+
+    def on_stop(self) -> None:
+        self._cleanup()
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._cleanup()
+        self.transport.close(1011, "internal error")
+
+    def _cleanup(self) -> None:
+        self.stats.active_connections -= 1
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+        if self.session.is_alive():
+            self.session.tell(Detach(self.connection_id))
+        self.queue.clear()
+
+    # -- dispatch ----------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        cls = message.__class__
+        if cls is Frame:
+            return self.enqueue(message, live=True)
+        if cls is Flushed:
+            return self.flushed()
+        if cls is ClientMessage:
+            return self.client_message(message.data)
+        if cls is Replay:
+            return self.replay(message.frames)
+        if cls is CloseConnection:
+            return self.close_request(message)
+        if cls is KeepaliveCheck:
+            return self.keepalive()
+        if cls is TransportClosed:
+            return self.transport_closed()
+        if cls is DescribeConnection:
+            return {"acked_seq": self.acked_seq, "queued_bytes": self.queued_live_bytes + self.inflight_live_bytes}
+        return super().on_receive(message)
+
+    # -- outbound ----------------------------------------------------------
+
+    def enqueue(self, frame: Frame, *, live: bool) -> None:
+        if self.closed:
+            return
+        self.queue.append(_Queued(frame, live))
+        if live:
+            self.queued_live_bytes += len(frame.data)
+        if not self.inflight:
+            self._write_next()
+        elif self.queued_live_bytes + self.inflight_live_bytes > self.settings.max_queue_bytes:
+            self._over_limit()
+
+    def replay(self, frames: list[Frame]) -> None:
+        if self.closed:
+            return
+        queue = self.queue
+        for frame in frames:
+            queue.append(_Queued(frame, False))
+        if not self.inflight:
+            self._write_next()
+
+    def _over_limit(self) -> None:
+        limit = self.settings.max_queue_bytes
+        if len(self.queue) + (1 if self.inflight else 0) <= 1:
+            return  # a single message, however large, is always written
+        self._compact()
+        if self.queued_live_bytes + self.inflight_live_bytes > limit:
+            self.stats.slow_consumer_disconnects += 1
+            self.log.info(
+                "slow_consumer_closed",
+                queued_bytes=self.queued_live_bytes + self.inflight_live_bytes,
+                limit=limit,
+            )
+            self._close_now(SLOW_CONSUMER, "slow_consumer")
+
+    def _compact(self) -> None:
+        """Drop queued task_progress superseded by a newer one for the same task."""
+        newest: set[str] = set()
+        kept: deque[_Queued] = deque()
+        for item in reversed(self.queue):
+            frame = item.frame
+            if item.live and frame.__class__ is Frame and frame.task_id is not None:
+                if frame.task_id in newest:
+                    self.queued_live_bytes -= len(frame.data)
+                    continue
+                newest.add(frame.task_id)
+            kept.appendleft(item)
+        self.queue = kept
+
+    def _write_next(self) -> None:
+        """Hand the transport everything queued, up to WRITE_CHUNK bytes, in one write."""
+        queue = self.queue
+        if not queue or self.closed:
+            return
+        batch: list[bytes] = []
+        size = 0
+        live_bytes = 0
+        while queue:
+            item = queue[0]
+            frame = item.frame
+            if frame.__class__ is CloseConnection:
+                if batch:
+                    break  # close once what is before it is written
+                queue.popleft()
+                self._close_now(frame.code, frame.reason)
+                return
+            if batch and size + len(frame.data) > WRITE_CHUNK:
+                break
+            queue.popleft()
+            batch.append(frame.data)
+            size += len(frame.data)
+            if item.live:
+                live_bytes += len(frame.data)
+        if not batch:
+            return
+        self.queued_live_bytes -= live_bytes
+        self.inflight_live_bytes = live_bytes
+        self.inflight = True
+        self.last_write = self.clock.monotonic()
+        self.stats.total_messages_sent += len(batch)
+        ref = self.actor_ref
+        try:
+            self.transport.write(batch, lambda: _tell_flushed(ref))
+        except Exception:
+            self.log.debug("write_failed", exc_info=True)
+            self.transport_closed()
+
+    def flushed(self) -> None:
+        self.inflight = False
+        self.inflight_live_bytes = 0
+        if self.queue:
+            self._write_next()
+
+    def close_request(self, request: CloseConnection) -> None:
+        if request.immediately:
+            self._close_now(request.code, request.reason)
+        else:
+            self.queue.append(_Queued(request, False))
+            if not self.inflight:
+                self._write_next()
+
+    def _close_now(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.clear()
+        self.queued_live_bytes = 0
+        try:
+            self.transport.close(code, reason)
+        except Exception:
+            self.log.debug("close_failed", exc_info=True)
+        self.stop()
+
+    def transport_closed(self) -> None:
+        self.closed = True
+        self.stop()
+
+    def keepalive(self) -> None:
+        self._keepalive_timer = None
+        if self.closed:
+            return
+        interval = self.settings.keepalive_interval
+        if self.clock.monotonic() - self.last_write >= interval and not self.inflight:
+            self.send({"type": "keepalive", "timestamp": iso_now(self.clock.time())})
+        self._arm_keepalive()
+
+    def _arm_keepalive(self) -> None:
+        interval = self.settings.keepalive_interval
+        if interval > 0:
+            due = self.last_write + interval - self.clock.monotonic()
+            self._keepalive_timer = self.tell_later(max(0.05, due), KEEPALIVE_CHECK)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """A connection-level message to this client alone."""
+        self.enqueue(control_frame(message), live=True)
+
+    # -- inbound -----------------------------------------------------------
+
+    def client_message(self, data: str | bytes) -> None:
+        if self.closed:
+            return
+        if isinstance(data, bytes):
+            self.client_error("bad_json", "binary frames are not accepted; send JSON text")
+            return
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            self.client_error("bad_json", f"not valid JSON: {exc}")
+            return
+        if not isinstance(message, dict):
+            self.client_error("bad_json", "a message must be a JSON object")
+            return
+        mtype = message.get("type")
+        if not isinstance(mtype, str) or not mtype:
+            self.client_error("bad_message", "a message needs a string 'type'")
+            return
+        handler = _CLIENT_HANDLERS.get(mtype)
+        if handler is None:
+            self.client_error("unknown_type", f"the server does not take {mtype[:64]!r} from clients")
+            return
+        handler(self, message)
+
+    def client_error(self, code: str, error: str, *, counts: bool = True) -> None:
+        """Answer the client's own bad input; too many within 60 s closes with 1008."""
+        self.send({"type": "error", "code": code, "error": error, "timestamp": iso_now(self.clock.time())})
+        if not counts:
+            return
+        now = self.clock.monotonic()
+        errors = self.errors
+        errors.append(now)
+        while errors and errors[0] <= now - ERROR_WINDOW:
+            errors.popleft()
+        if len(errors) > self.settings.max_client_errors:
+            self.log.info("too_many_client_errors", errors=len(errors))
+            self.close_request(CloseConnection(1008, "too many invalid messages"))
+
+    def on_ping(self, message: dict[str, Any]) -> None:
+        self.send({"type": "pong", "timestamp": iso_now(self.clock.time())})
+
+    def on_subscribe(self, message: dict[str, Any]) -> None:
+        try:
+            items = parse_event_list(message.get("events"), self.settings.presets)
+        except FilterError as exc:
+            self.client_error("bad_message", str(exc))
+            return
+        self.session.tell(ChangeFilter(self.connection_id, message["type"] == "subscribe", tuple(items)))
+
+    def on_disconnect(self, message: dict[str, Any]) -> None:
+        self.send(
+            {
+                "type": "disconnected",
+                "message": "closed at the client's request",
+                "connection_id": self.connection_id,
+                "timestamp": iso_now(self.clock.time()),
+            }
+        )
+        self.close_request(CloseConnection(1000, "client disconnect"))
+
+    def on_ack(self, message: dict[str, Any]) -> None:
+        seq = message.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            self.client_error("bad_message", "ack needs 'seq', a non-negative integer")
+            return
+        if self.acked_seq is None or seq > self.acked_seq:
+            self.acked_seq = seq
+
+
+def _tell_flushed(ref: ActorRef[Any]) -> None:
+    if ref.is_alive():
+        ref.tell(FLUSHED)
+
+
+_CLIENT_HANDLERS = {
+    "ping": ConnectionActor.on_ping,
+    "subscribe": ConnectionActor.on_subscribe,
+    "unsubscribe": ConnectionActor.on_subscribe,
+    "disconnect": ConnectionActor.on_disconnect,
+    "ack": ConnectionActor.on_ack,
+}

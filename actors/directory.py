@@ -1,0 +1,53 @@
+"""Which actor holds which session; creates sessions on demand.
+
+Used only on the dispatcher thread (handlers and actors both run there), so
+a dict serves. Sessions remove themselves when they expire or are deleted;
+anything that reaches a session after that is forwarded here again and
+lands on a fresh one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pykka import ActorRef
+
+from actors.stats import BrokerStats
+
+if TYPE_CHECKING:
+    from broker.config import Settings
+
+
+class SessionDirectory:
+    def __init__(self, settings: Settings, stats: BrokerStats | None = None) -> None:
+        self.settings = settings
+        self.stats = stats or BrokerStats()
+        self._sessions: dict[str, ActorRef[Any]] = {}
+
+    def get(self, session_id: str) -> ActorRef[Any] | None:
+        return self._sessions.get(session_id)
+
+    def get_or_create(self, session_id: str) -> ActorRef[Any]:
+        ref = self._sessions.get(session_id)
+        if ref is None:
+            from actors.session import SessionActor
+
+            ref = SessionActor.start(session_id, self)
+            self._sessions[session_id] = ref
+        return ref
+
+    def remove(self, session_id: str, ref: ActorRef[Any]) -> None:
+        if self._sessions.get(session_id) is ref:
+            del self._sessions[session_id]
+
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def refs(self) -> list[ActorRef[Any]]:
+        return list(self._sessions.values())
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions

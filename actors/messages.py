@@ -1,0 +1,153 @@
+"""The messages actors exchange. Immutable where they cross actors.
+
+A `Frame` is the one exception worth explaining: it is an encoded message
+(orjson bytes) made once by a session and shared, by reference, with every
+connection it goes to. The session owns its `delivered` flag; connections
+only read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pykka import ActorRef
+
+from actors.filters import EventFilter
+
+
+class Frame:
+    """One encoded message on its way to sockets."""
+
+    __slots__ = ("data", "delivered", "seq", "task_id", "type")
+
+    def __init__(self, data: bytes, type: str, seq: int | None = None, task_id: str | None = None) -> None:
+        #: the JSON text, encoded once for every connection
+        self.data = data
+        #: the message's "type", for filters and compaction
+        self.type = type
+        #: the session seq (None for connection-level messages)
+        self.seq = seq
+        #: for task_progress: its task, so a newer one can supersede it in a slow queue
+        self.task_id = task_id
+        #: set by the session once it was queued to at least one connection (replay=missed)
+        self.delivered = False
+
+    def __repr__(self) -> str:
+        return f"Frame({self.type!r}, seq={self.seq}, {len(self.data)} bytes)"
+
+
+# -- to a session --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Validated events for this session; the reply is one seq (or None) per event."""
+
+    events: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """A connection joins: greet it, replay what it asks for, then send it live messages."""
+
+    connection: ActorRef[Any]
+    connection_id: str
+    user_id: str | None
+    filter: EventFilter
+    #: "all" | "missed" | "none"; ignored when last_seq is given
+    replay: str
+    last_seq: int | None
+    epoch: str | None
+    #: "connected" on /ws, "connection_established" on /ws/research/{id}
+    greeting_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFilter:
+    """subscribe / unsubscribe from a client; items were validated by the connection."""
+
+    connection_id: str
+    subscribe: bool
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeSession:
+    """Ask: the session's state for GET /api/sessions/{id}."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """DELETE /api/sessions/{id}: tell clients, close them, forget everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushHeld:
+    """Timer: a held task_progress may be due."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryCheck:
+    """Timer: the session may have outlived session_ttl."""
+
+
+# -- to a connection -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Frames from history (and the greeting before them), written flow-controlled."""
+
+    frames: list[Frame]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Close after what is queued before it was written (graceful), or at once."""
+
+    code: int
+    reason: str
+    immediately: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    """A frame the client sent: str for text, bytes for binary."""
+
+    data: str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TransportClosed:
+    """The socket is gone (client left, network died, or we closed it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeConnection:
+    """Ask: this connection's acked seq and unsent bytes."""
+
+
+class Flushed:
+    """The transport took the previous write."""
+
+    __slots__ = ()
+
+
+FLUSHED = Flushed()
+
+
+class KeepaliveCheck:
+    """Timer: write a keepalive if nothing was written for keepalive_interval."""
+
+    __slots__ = ()
+
+
+KEEPALIVE_CHECK = KeepaliveCheck()

@@ -1,0 +1,393 @@
+"""SessionActor: everything about one session, owned by one actor.
+
+History and seq/epoch, task_progress throttling, idempotent publishing,
+the connections with their filters, replay on attach, expiry. Nothing else
+mutates this state; handlers and connections only send messages here.
+
+Order is the actor's mailbox order: a connection attached between two
+publishes gets the first in its replay and the second live, never both and
+never in the wrong order, because both happen in this one actor.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from actors.clock import iso_timestamp
+from actors.filters import FilterError
+from actors.history import MemoryHistory
+from actors.messages import (
+    Attach,
+    ChangeFilter,
+    CloseConnection,
+    CloseSession,
+    DescribeSession,
+    Detach,
+    ExpiryCheck,
+    FlushHeld,
+    Frame,
+    Publish,
+    Replay,
+)
+from actors.runtime import LoopActor
+from actors.throttle import ProgressThrottle, Verdict
+
+if TYPE_CHECKING:
+    from pykka import ActorRef
+
+    from actors.directory import SessionDirectory
+    from actors.filters import EventFilter
+    from actors.history import History
+
+log = structlog.get_logger("actor_broker.session")
+
+_FINISHING = frozenset({"task_completed", "task_failed"})
+
+
+def new_epoch() -> str:
+    return "e-" + uuid.uuid4().hex[:16]
+
+
+iso_now = iso_timestamp
+
+
+def control_frame(message: dict[str, Any]) -> Frame:
+    """A connection-level message: no seq, never in history, passes every filter."""
+    return Frame(orjson.dumps(message), message["type"])
+
+
+class _Member:
+    """A connection as the session sees it."""
+
+    __slots__ = ("connection_id", "filter", "ref", "user_id")
+
+    def __init__(self, ref: ActorRef[Any], connection_id: str, user_id: str | None, event_filter: EventFilter) -> None:
+        self.ref = ref
+        self.connection_id = connection_id
+        self.user_id = user_id
+        self.filter = event_filter
+
+
+class _Accepted:
+    """An event_id the session has taken, and the seq it got (None while held)."""
+
+    __slots__ = ("at", "seq")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.seq: int | None = None
+
+
+class SessionActor(LoopActor):
+    def __init__(self, session_id: str, directory: SessionDirectory, history: History | None = None) -> None:
+        super().__init__()
+        settings = directory.settings
+        self.session_id = session_id
+        self.directory = directory
+        self.stats = directory.stats
+        self.epoch = new_epoch()
+        self.history: History = history or MemoryHistory(settings.buffer_size)
+        self.throttle = ProgressThrottle(settings.min_delta, settings.max_interval_ms / 1000)
+        self.members: dict[str, _Member] = {}
+        self.accepted: OrderedDict[str, _Accepted] = OrderedDict()
+        self.created_at = self.clock.time()
+        self.last_event_at: float | None = None
+        self.last_activity = self.clock.monotonic()
+        self.closing = False
+        self._expiry_timer: Any = None
+        self.log = log.bind(session_id=session_id)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.log.debug("session_started")
+        self._arm_expiry()
+
+    def on_stop(self) -> None:
+        self._forget()
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        self.directory.remove(self.session_id, self.actor_ref)
+        self._set_buffered(0)
+        self.stats.connected_sessions.discard(self.session_id)
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+
+    # -- dispatch ----------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if self.closing:
+            return self._forward(message)
+        cls = message.__class__
+        if cls is Publish:
+            return self.publish(message.events)
+        if cls is Attach:
+            return self.attach(message)
+        if cls is Detach:
+            return self.detach(message.connection_id)
+        if cls is ChangeFilter:
+            return self.change_filter(message)
+        if cls is FlushHeld:
+            return self.flush_held(message.task_id)
+        if cls is ExpiryCheck:
+            return self.check_expiry()
+        if cls is DescribeSession:
+            return self.describe()
+        if cls is CloseSession:
+            return self.close()
+        return super().on_receive(message)
+
+    def _forward(self, message: Any) -> Any:
+        """After expiry, what still arrives belongs to the session's next life."""
+        if isinstance(message, (Publish, Attach)):
+            return self.directory.get_or_create(self.session_id).ask(message, block=False)
+        if isinstance(message, DescribeSession):
+            return None
+        return None
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, events: list[dict[str, Any]]) -> list[int | None]:
+        now = self.clock.monotonic()
+        self._prune_accepted(now)
+        seqs: list[int | None] = []
+        for event in events:
+            seqs.append(self._publish_one(event, now))
+        self.last_event_at = self.clock.time()
+        self._touch(now)
+        return seqs
+
+    def _publish_one(self, event: dict[str, Any], now: float) -> int | None:
+        event_id = event["event_id"]
+        seen = self.accepted.get(event_id)
+        if seen is not None:
+            return seen.seq
+        accepted = _Accepted(now)
+        self.accepted[event_id] = accepted
+        self.stats.total_events_received += 1
+        etype = event["type"]
+        if etype == "task_progress":
+            return self._offer_progress(event, now)
+        if etype in _FINISHING:
+            self._drop(self.throttle.finish(event["task_id"]))
+        elif etype == "task_started":
+            self.throttle.start(event["task_id"])
+        return self._commit(event)
+
+    def _offer_progress(self, event: dict[str, Any], now: float) -> int | None:
+        task_id = event["task_id"]
+        offer = self.throttle.offer(task_id, event, now)
+        self._drop(offer.superseded)
+        if offer.verdict is Verdict.DELIVER:
+            return self._commit(event)
+        if offer.verdict is Verdict.DISCARD:
+            self._drop(event)
+        elif offer.flush_at is not None:
+            self.tell_later(max(0.0, offer.flush_at - now), FlushHeld(task_id))
+        return None
+
+    def _drop(self, event: dict[str, Any] | None) -> None:
+        """A progress event that will never be delivered."""
+        if event is not None:
+            self.stats.throttled_events += 1
+
+    def flush_held(self, task_id: str) -> None:
+        now = self.clock.monotonic()
+        event, flush_at = self.throttle.flush(task_id, now)
+        if event is not None:
+            self._commit(event)
+        elif flush_at is not None:
+            self.tell_later(max(0.0, flush_at - now), FlushHeld(task_id))
+
+    def _commit(self, event: dict[str, Any]) -> int:
+        """Give the event its seq, keep it in history and send it to every admitting connection."""
+        seq = self.history.next_seq()
+        message = dict(event)
+        message["seq"] = seq
+        message["epoch"] = self.epoch
+        etype = event["type"]
+        frame = Frame(
+            orjson.dumps(message), etype, seq, event.get("task_id") if etype == "task_progress" else None
+        )
+        before = len(self.history)
+        evicted = self.history.append(frame)
+        if evicted or len(self.history) != before:
+            self._set_buffered(len(self.history), before)
+        accepted = self.accepted.get(event["event_id"])
+        if accepted is not None:
+            accepted.seq = seq
+        for member in self.members.values():
+            if member.filter.admits(etype):
+                member.ref.tell(frame)
+                frame.delivered = True
+        return seq
+
+    def _set_buffered(self, size: int, before: int | None = None) -> None:
+        if before is None:
+            before = len(self.history)
+        stats = self.stats
+        stats.total_buffered_messages += size - before
+        if before == 0 and size > 0:
+            stats.sessions_with_buffer += 1
+        elif before > 0 and size == 0:
+            stats.sessions_with_buffer -= 1
+
+    def _prune_accepted(self, now: float) -> None:
+        horizon = now - self.directory.settings.dedup_window
+        accepted = self.accepted
+        while accepted:
+            event_id, entry = next(iter(accepted.items()))
+            if entry.at >= horizon:
+                break
+            del accepted[event_id]
+
+    # -- connections -------------------------------------------------------
+
+    def attach(self, request: Attach) -> None:
+        history = self.history
+        frames: list[Frame] = []
+        replay: list[Frame]
+        if request.last_seq is not None:
+            if request.epoch is not None and request.epoch != self.epoch:
+                frames.append(self._gap(1, None))
+                replay = list(history)
+            elif request.last_seq > history.last_seq:
+                request.connection.tell(
+                    CloseConnection(1008, "last_seq is beyond the session's newest seq", immediately=True)
+                )
+                return
+            else:
+                if request.last_seq + 1 < history.first_seq:
+                    frames.append(self._gap(request.last_seq + 1, history.first_seq - 1))
+                replay = history.since(request.last_seq)
+        elif request.replay == "all":
+            replay = list(history)
+        elif request.replay == "missed":
+            replay = [f for f in history if not f.delivered]
+        else:
+            replay = []
+        admits = request.filter.admits
+        replay = [f for f in replay if admits(f.type)]
+        for frame in replay:
+            frame.delivered = True
+        greeting = control_frame(
+            {
+                "type": request.greeting_type,
+                "message": "WebSocket connection established",
+                "session_id": self.session_id,
+                "connection_id": request.connection_id,
+                "user_id": request.user_id,
+                "events": request.filter.echo(),
+                "epoch": self.epoch,
+                "last_seq": history.last_seq,
+                "keepalive_interval": self.directory.settings.keepalive_interval,
+                "timestamp": iso_now(self.clock.time()),
+            }
+        )
+        request.connection.tell(Replay([greeting, *frames, *replay]))
+        self.members[request.connection_id] = _Member(
+            request.connection, request.connection_id, request.user_id, request.filter
+        )
+        self.stats.connected_sessions.add(self.session_id)
+        self.log.debug("connection_attached", connection_id=request.connection_id, replayed=len(replay))
+
+    def _gap(self, from_seq: int, to_seq: int | None) -> Frame:
+        return control_frame({"type": "gap", "from_seq": from_seq, "to_seq": to_seq, "epoch": self.epoch})
+
+    def detach(self, connection_id: str) -> None:
+        if self.members.pop(connection_id, None) is not None:
+            self.log.debug("connection_detached", connection_id=connection_id)
+        if not self.members:
+            self.stats.connected_sessions.discard(self.session_id)
+            self._touch(self.clock.monotonic())
+
+    def change_filter(self, request: ChangeFilter) -> None:
+        member = self.members.get(request.connection_id)
+        if member is None:
+            return
+        presets = self.directory.settings.presets
+        try:
+            if request.subscribe:
+                member.filter = member.filter.subscribe(request.items, presets)
+            else:
+                member.filter = member.filter.unsubscribe(request.items, presets)
+        except FilterError as exc:  # the connection validated; presets may have changed since
+            member.ref.tell(control_frame({"type": "error", "code": "bad_message", "error": str(exc)}))
+            return
+        member.ref.tell(
+            control_frame(
+                {"type": "subscribed", "events": member.filter.echo(), "timestamp": iso_now(self.clock.time())}
+            )
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "epoch": self.epoch,
+            "last_seq": self.history.last_seq,
+            "connections": [
+                {
+                    "connection_id": m.connection_id,
+                    "user_id": m.user_id,
+                    "events": m.filter.echo(),
+                    "ref": m.ref,
+                }
+                for m in self.members.values()
+            ],
+            "buffered_messages": len(self.history),
+            "created_at": iso_now(self.created_at),
+            "last_event_at": iso_now(self.last_event_at) if self.last_event_at is not None else None,
+        }
+
+    # -- ending ------------------------------------------------------------
+
+    def close(self) -> bool:
+        """DELETE: every client gets session_closed, then close 1000; the history is gone."""
+        notice = control_frame(
+            {
+                "type": "session_closed",
+                "session_id": self.session_id,
+                "reason": "deleted",
+                "timestamp": iso_now(self.clock.time()),
+            }
+        )
+        for member in self.members.values():
+            member.ref.tell(notice)
+            member.ref.tell(CloseConnection(1000, "session closed"))
+        self.members.clear()
+        self._end()
+        return True
+
+    def _end(self) -> None:
+        self.closing = True
+        self.directory.remove(self.session_id, self.actor_ref)
+        self.throttle.forget()
+        self.stop()
+
+    def _touch(self, now: float) -> None:
+        self.last_activity = now
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._expiry_timer is None and not self.members:
+            delay = self.last_activity + self.directory.settings.session_ttl - self.clock.monotonic()
+            self._expiry_timer = self.tell_later(max(0.0, delay), ExpiryCheck())
+
+    def check_expiry(self) -> None:
+        self._expiry_timer = None
+        if self.members:
+            return  # re-armed when the last one leaves
+        due = self.last_activity + self.directory.settings.session_ttl
+        if self.clock.monotonic() >= due:
+            self.log.info("session_expired")
+            self._end()
+        else:
+            self._arm_expiry()

@@ -1,0 +1,31 @@
+"""Process-wide counters, read by the stats endpoints and /metrics.
+
+Plain integers mutated only on the dispatcher thread, so they need no
+locks; actors bump them as things happen instead of being polled.
+"""
+
+from __future__ import annotations
+
+
+class BrokerStats:
+    __slots__ = (
+        "active_connections",
+        "connected_sessions",
+        "sessions_with_buffer",
+        "slow_consumer_disconnects",
+        "throttled_events",
+        "total_buffered_messages",
+        "total_events_received",
+        "total_messages_sent",
+    )
+
+    def __init__(self) -> None:
+        self.active_connections = 0
+        self.total_buffered_messages = 0
+        self.sessions_with_buffer = 0
+        self.total_messages_sent = 0
+        self.total_events_received = 0
+        self.throttled_events = 0
+        self.slow_consumer_disconnects = 0
+        #: session ids with at least one connection
+        self.connected_sessions: set[str] = set()

@@ -1,0 +1,45 @@
+"""The route table: every URL the daemon answers, and the handler behind it."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from broker.core import Broker
+from handlers.base import ApiHandler
+from handlers.health import HealthzHandler, ReadyzHandler
+from handlers.publish import PublishHandler
+from handlers.sessions import SessionHandler
+from handlers.stats import StatsHandler
+from handlers.ws import BrokerWebSocket, ResearchWebSocket
+
+#: Bodies are streamed and checked against max_body_size by the handlers, so
+#: the server's own (connection-dropping) limit sits far above it.
+SERVER_MAX_BODY = 1 << 30
+
+
+class NotFoundHandler(ApiHandler):
+    def prepare(self) -> None:
+        self.fail(404, f"no such endpoint: {self.request.path}")
+
+
+def make_app(broker: Broker) -> tornado.web.Application:
+    settings = broker.settings
+    deps = {"broker": broker}
+    return tornado.web.Application(
+        [
+            (r"/healthz", HealthzHandler),
+            (r"/readyz", ReadyzHandler, {"state": broker}),
+            (r"/ws", BrokerWebSocket, deps),
+            (r"/ws/health", StatsHandler, deps),
+            (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
+            (r"/api/websocket/stats", StatsHandler, deps),
+            (r"/api/events", PublishHandler, deps),
+            (r"/api/sessions/([^/]+)/events", PublishHandler, deps),
+            (r"/api/sessions/([^/]+)", SessionHandler, deps),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        websocket_ping_interval=settings.ws_ping_interval,
+        websocket_ping_timeout=settings.ws_ping_timeout,
+        websocket_max_message_size=settings.max_message_size,
+    )

@@ -1,0 +1,153 @@
+"""The WebSocket endpoints: `/ws` and `/ws/research/{session_id}`.
+
+A thin adapter. The handshake's parameters are checked here (close 1008
+before any data); then a ConnectionActor owns the socket: frames from the
+client are told to it, and it writes back through this handler as its
+Transport. The handler keeps no session state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import tornado.websocket
+from tornado.iostream import StreamClosedError
+
+from actors.filters import FilterError, parse_events_param
+from actors.messages import ClientMessage, TransportClosed
+from broker.core import Broker
+from broker.validation import SESSION_ID_RE
+from handlers.origins import origin_allowed
+
+log = structlog.get_logger("actor_broker.ws")
+
+_REPLAY_MODES = frozenset({"all", "missed", "none"})
+
+
+class HandshakeError(ValueError):
+    """A bad handshake parameter; its text is the 1008 close reason."""
+
+
+class BrokerWebSocket(tornado.websocket.WebSocketHandler):
+    greeting_type = "connected"
+    default_replay = "missed"
+
+    def initialize(self, broker: Broker) -> None:
+        self.broker = broker
+        self.connection: Any = None
+        self.session_id: str | None = None
+
+    # -- handshake -----------------------------------------------------------
+
+    def check_origin(self, origin: str) -> bool:
+        """Browsers only: the configured origins (PROTOCOL.md section 5); 403 otherwise."""
+        return origin_allowed(origin, self.request.host, self.broker.settings.allowed_origins)
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        refusal = self.broker.admit_connection(self._raw_session_id(*args) or "")
+        if refusal is not None:
+            self.set_status(503)
+            self.set_header("Content-Type", "application/json")
+            self.finish({"error": refusal})
+            return
+        await super().get(*args, **kwargs)
+
+    def _raw_session_id(self, *args: Any) -> str | None:
+        return self.get_query_argument("session_id", None)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            params = self._parse(*args)
+        except HandshakeError as exc:
+            self.close(1008, str(exc)[:120])
+            return
+        self.session_id = params["session_id"]
+        self.connection = self.broker.open_connection(
+            greeting_type=self.greeting_type, transport=SocketTransport(self), **params
+        )
+
+    def _parse(self, *args: Any) -> dict[str, Any]:
+        session_id = self._raw_session_id(*args)
+        if not session_id:
+            raise HandshakeError("session_id is required")
+        if not SESSION_ID_RE.match(session_id):
+            raise HandshakeError("session_id must match [A-Za-z0-9_.:-]{1,128}")
+        user_id = self.get_query_argument("user_id", None)
+        if user_id is not None and not 0 < len(user_id) <= 128:
+            raise HandshakeError("user_id must be 1 to 128 characters")
+        try:
+            event_filter = parse_events_param(self.get_query_argument("events", None), self.broker.settings.presets)
+        except FilterError as exc:
+            raise HandshakeError(str(exc)) from exc
+        replay = self.get_query_argument("replay", None) or self.default_replay
+        if replay not in _REPLAY_MODES:
+            raise HandshakeError("replay must be all, missed or none")
+        last_seq: int | None = None
+        raw_last_seq = self.get_query_argument("last_seq", None)
+        if raw_last_seq is not None:
+            if not (raw_last_seq.isascii() and raw_last_seq.isdigit()) or len(raw_last_seq) > 18:
+                raise HandshakeError("last_seq must be a non-negative integer")
+            last_seq = int(raw_last_seq)
+        epoch = self.get_query_argument("epoch", None) or None
+        return {
+            "session_id": session_id,
+            "user_id": user_id,
+            "event_filter": event_filter,
+            "replay": replay,
+            "last_seq": last_seq,
+            "epoch": epoch,
+        }
+
+    # -- frames in -----------------------------------------------------------
+
+    def on_message(self, message: str | bytes) -> None:
+        if self.connection is not None:
+            self.connection.tell(ClientMessage(message))
+
+    def on_close(self) -> None:
+        if self.connection is not None:
+            if self.connection.is_alive():
+                self.connection.tell(TransportClosed())
+            self.broker.connection_closed(self.session_id or "")
+            self.connection = None
+
+
+class SocketTransport:
+    """The ConnectionActor's view of a Tornado WebSocket: write frames, close."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: tornado.websocket.WebSocketHandler) -> None:
+        self.handler = handler
+
+    def write(self, frames: list[bytes], on_flushed: Callable[[], None]) -> None:
+        write_message = self.handler.write_message
+        future = None
+        for data in frames:
+            future = write_message(data)
+
+        def done(f: Any) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return  # the socket closed; on_close tells the actor
+            on_flushed()
+
+        if future is not None:
+            future.add_done_callback(done)
+
+    def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(StreamClosedError):
+            self.handler.close(code, reason)
+
+
+class ResearchWebSocket(BrokerWebSocket):
+    """`/ws/research/{session_id}`: the session in the path; replays everything by default."""
+
+    greeting_type = "connection_established"
+    default_replay = "all"
+
+    def _raw_session_id(self, *args: Any) -> str | None:
+        return args[0] if args else None
+
