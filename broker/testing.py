@@ -29,6 +29,7 @@ does.
 
 from __future__ import annotations
 
+import asyncio
 import pprint
 import threading
 from collections import deque
@@ -40,7 +41,15 @@ from pykka import ActorRef, ActorRegistry
 from actors.clock import ManualClock
 from actors.runtime import DEFAULT_BATCH, Dispatcher, LoopActor, LoopFuture, install_dispatcher
 
-__all__ = ["ActorHarness", "ManualClock", "ManualDispatcher", "Probe", "matches"]
+__all__ = [
+    "ActorHarness",
+    "ManualClock",
+    "ManualDispatcher",
+    "Probe",
+    "RecordingTransport",
+    "WebSocketClient",
+    "matches",
+]
 
 
 class ManualDispatcher(Dispatcher):
@@ -272,3 +281,87 @@ class RecordingTransport:
 
     def types(self) -> list[str]:
         return [m["type"] for m in self.messages]
+
+
+class WebSocketClient:
+    """A WebSocket client for wire tests, in the style of Channels' communicator.
+
+    ::
+
+        client = await WebSocketClient.connect(port, "/ws", session_id="s1")
+        await client.expect(type="connected")
+        await client.send({"type": "ping"})
+        await client.expect(type="pong")
+        assert await client.closed() == (1000, "client disconnect")
+
+    Every wait is bounded by `timeout` seconds (a failure, not a hang).
+    """
+
+    def __init__(self, conn: Any, timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.received: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(
+        cls, port: int, path: str, *, timeout: float = 5.0, headers: dict[str, str] | None = None, **params: Any
+    ) -> WebSocketClient:
+        import urllib.parse
+
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        url = f"ws://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
+        request = HTTPRequest(url, headers=headers or {})
+        conn = await asyncio.wait_for(websocket_connect(request), timeout)
+        return cls(conn, timeout)
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        import orjson
+
+        if isinstance(message, dict):
+            message = orjson.dumps(message).decode()
+        await self.conn.write_message(message, binary=isinstance(message, bytes))
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message, or None if the server closed the connection."""
+        import orjson
+
+        data = await asyncio.wait_for(self.conn.read_message(), self.timeout)
+        if data is None:
+            return None
+        message = orjson.loads(data)
+        self.received.append(message)
+        return message
+
+    async def expect(self, **fields: Any) -> dict[str, Any]:
+        message = await self.receive()
+        if message is None:
+            raise AssertionError(f"expected {fields!r}, but the server closed {self.close_info()}")
+        if not matches(message, fields):
+            raise AssertionError(f"expected fields {fields!r}\n got {pprint.pformat(message)}")
+        return message
+
+    async def receive_until(self, **fields: Any) -> list[dict[str, Any]]:
+        """Read messages up to and including the first that matches `fields`."""
+        seen = []
+        while True:
+            message = await self.receive()
+            if message is None:
+                raise AssertionError(f"closed {self.close_info()} before {fields!r}; got {seen!r}")
+            seen.append(message)
+            if matches(message, fields):
+                return seen
+
+    async def closed(self) -> tuple[int | None, str | None]:
+        """Read until the server closes; return (code, reason). Messages read are kept."""
+        while await self.receive() is not None:
+            pass
+        return self.close_info()
+
+    def close_info(self) -> tuple[int | None, str | None]:
+        return self.conn.close_code, self.conn.close_reason
+
+    def close(self) -> None:
+        self.conn.close()
