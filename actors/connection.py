@@ -36,6 +36,7 @@ from actors.messages import (
     Frame,
     KeepaliveCheck,
     Replay,
+    StartQuery,
     TransportClosed,
 )
 from actors.runtime import LoopActor
@@ -75,9 +76,11 @@ class ConnectionActor(LoopActor):
         transport: Transport,
         settings_source: Any,
         stats: BrokerStats,
+        user_id: str | None = None,
     ) -> None:
         super().__init__()
         self.connection_id = connection_id
+        self.user_id = user_id
         self.session_id = session_id
         self.session = session
         self.transport = transport
@@ -341,6 +344,21 @@ class ConnectionActor(LoopActor):
         )
         self.close_request(CloseConnection(1000, "client disconnect"))
 
+    def on_query(self, message: dict[str, Any]) -> None:
+        query = message.get("query")
+        if not isinstance(query, str) or not query.strip():
+            self.client_error("bad_message", "query needs 'query', a non-empty string")
+            return
+        session_id = message.get("session_id")
+        if session_id is not None and session_id != self.session_id:
+            self.client_error("bad_message", "the query's session_id is not this connection's session")
+            return
+        for name, kind in (("include_context", bool), ("system_prompt", str)):
+            if name in message and not isinstance(message[name], kind):
+                self.client_error("bad_message", f"'{name}' must be a {'boolean' if kind is bool else 'string'}")
+                return
+        self.session.tell(StartQuery(self.actor_ref, self.connection_id, self.user_id, message))
+
     def on_ack(self, message: dict[str, Any]) -> None:
         seq = message.get("seq")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
@@ -361,4 +379,5 @@ _CLIENT_HANDLERS = {
     "unsubscribe": ConnectionActor.on_subscribe,
     "disconnect": ConnectionActor.on_disconnect,
     "ack": ConnectionActor.on_ack,
+    "query": ConnectionActor.on_query,
 }

@@ -15,6 +15,7 @@ from pykka import ActorRef
 from actors.stats import BrokerStats
 
 if TYPE_CHECKING:
+    from actors.queries import QueryBackend
     from broker.config import Settings
 
 
@@ -23,6 +24,8 @@ class SessionDirectory:
         self.settings = settings
         self.stats = stats or BrokerStats()
         self._sessions: dict[str, ActorRef[Any]] = {}
+        #: answers agent queries (broker.queries); set by the Broker
+        self.query_backend: QueryBackend | None = None
 
     def get(self, session_id: str) -> ActorRef[Any] | None:
         return self._sessions.get(session_id)
@@ -45,6 +48,9 @@ class SessionDirectory:
 
     def refs(self) -> list[ActorRef[Any]]:
         return list(self._sessions.values())
+
+    def items(self) -> list[tuple[str, ActorRef[Any]]]:
+        return list(self._sessions.items())
 
     def __len__(self) -> int:
         return len(self._sessions)

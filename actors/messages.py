@@ -151,3 +151,32 @@ class KeepaliveCheck:
 
 
 KEEPALIVE_CHECK = KeepaliveCheck()
+
+
+# -- agent queries -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartQuery:
+    """A client's validated query; the session runs one at a time."""
+
+    connection: ActorRef[Any]
+    connection_id: str
+    user_id: str | None
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryEvent:
+    """What a query backend produced: kind is "chunk", "done" or "error"."""
+
+    query_id: str
+    kind: str
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastFrame:
+    """A connection-level message for every connection of the session; reply: how many."""
+
+    frame: Frame

@@ -23,6 +23,7 @@ from actors.filters import FilterError
 from actors.history import MemoryHistory
 from actors.messages import (
     Attach,
+    BroadcastFrame,
     ChangeFilter,
     CloseConnection,
     CloseSession,
@@ -32,8 +33,11 @@ from actors.messages import (
     FlushHeld,
     Frame,
     Publish,
+    QueryEvent,
     Replay,
+    StartQuery,
 )
+from actors.queries import QueryRequest, QuerySink
 from actors.runtime import LoopActor
 from actors.throttle import ProgressThrottle, Verdict
 
@@ -83,6 +87,16 @@ class _Accepted:
         self.seq: int | None = None
 
 
+class _RunningQuery:
+    __slots__ = ("chunks", "handle", "query_id", "sink")
+
+    def __init__(self, query_id: str, sink: QuerySink) -> None:
+        self.query_id = query_id
+        self.sink = sink
+        self.chunks: list[str] = []
+        self.handle: Any = None
+
+
 class SessionActor(LoopActor):
     def __init__(self, session_id: str, directory: SessionDirectory, history: History | None = None) -> None:
         super().__init__()
@@ -100,6 +114,7 @@ class SessionActor(LoopActor):
         self.last_activity = self.clock.monotonic()
         self.closing = False
         self._expiry_timer: Any = None
+        self.query: _RunningQuery | None = None
         self.log = log.bind(session_id=session_id)
 
     # -- lifecycle ---------------------------------------------------------
@@ -115,6 +130,7 @@ class SessionActor(LoopActor):
         self._forget()
 
     def _forget(self) -> None:
+        self._abandon_query()
         self.directory.remove(self.session_id, self.actor_ref)
         self._set_buffered(0)
         self.stats.connected_sessions.discard(self.session_id)
@@ -139,6 +155,12 @@ class SessionActor(LoopActor):
             return self.flush_held(message.task_id)
         if cls is ExpiryCheck:
             return self.check_expiry()
+        if cls is QueryEvent:
+            return self.query_event(message)
+        if cls is StartQuery:
+            return self.start_query(message)
+        if cls is BroadcastFrame:
+            return self.broadcast(message.frame)
         if cls is DescribeSession:
             return self.describe()
         if cls is CloseSession:
@@ -214,9 +236,7 @@ class SessionActor(LoopActor):
         message["seq"] = seq
         message["epoch"] = self.epoch
         etype = event["type"]
-        frame = Frame(
-            orjson.dumps(message), etype, seq, event.get("task_id") if etype == "task_progress" else None
-        )
+        frame = Frame(orjson.dumps(message), etype, seq, event.get("task_id") if etype == "task_progress" else None)
         before = len(self.history)
         evicted = self.history.append(frame)
         if evicted or len(self.history) != before:
@@ -248,6 +268,109 @@ class SessionActor(LoopActor):
             if entry.at >= horizon:
                 break
             del accepted[event_id]
+
+    def _event(self, etype: str, **fields: Any) -> dict[str, Any]:
+        """An event the session itself emits (queries), shaped like a published one."""
+        event_id = "ev-" + uuid.uuid4().hex
+        correlation_id = fields.pop("correlation_id", event_id)
+        return {
+            "type": etype,
+            "session_id": self.session_id,
+            **fields,
+            "event_id": event_id,
+            "correlation_id": correlation_id,
+            "timestamp": iso_now(self.clock.time()),
+        }
+
+    # -- queries ---------------------------------------------------------------
+
+    def start_query(self, request: StartQuery) -> None:
+        if self.query is not None:
+            request.connection.tell(
+                control_frame(
+                    {
+                        "type": "error",
+                        "code": "busy",
+                        "error": "a query is already running in this session; wait for its complete or error",
+                        "timestamp": iso_now(self.clock.time()),
+                    }
+                )
+            )
+            return
+        query_id = "q-" + uuid.uuid4().hex[:16]
+        sink = QuerySink(self.actor_ref, query_id)
+        running = self.query = _RunningQuery(query_id, sink)
+        message = request.message
+        self.stats.total_events_received += 1
+        self._commit(
+            self._event(
+                "query_start",
+                query=message["query"],
+                query_id=query_id,
+                user_id=request.user_id,
+                correlation_id=query_id,
+            )
+        )
+        self._touch(self.clock.monotonic())
+        backend = self.directory.query_backend
+        try:
+            running.handle = backend.start(
+                QueryRequest(self.session_id, request.user_id, message["query"], message), sink, self.clock
+            )
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot start ends the query, not the session
+            self.log.warning("query_backend_failed", error=str(exc))
+            sink.fail(f"the query backend could not start: {exc}")
+
+    def query_event(self, event: QueryEvent) -> None:
+        running = self.query
+        if running is None or running.query_id != event.query_id:
+            return  # a late report from an abandoned query
+        if event.kind == "chunk":
+            running.chunks.append(event.text)
+            self._commit(
+                self._event(
+                    "chunk",
+                    content=event.text,
+                    chunk_number=len(running.chunks),
+                    query_id=running.query_id,
+                    correlation_id=running.query_id,
+                )
+            )
+            return
+        self.query = None
+        if event.kind == "done":
+            self._commit(
+                self._event(
+                    "complete",
+                    full_response="".join(running.chunks),
+                    total_chunks=len(running.chunks),
+                    query_id=running.query_id,
+                    correlation_id=running.query_id,
+                )
+            )
+        else:
+            self._commit(
+                self._event(
+                    "error",
+                    error=event.text,
+                    code="query_failed",
+                    query_id=running.query_id,
+                    correlation_id=running.query_id,
+                )
+            )
+        self._touch(self.clock.monotonic())
+
+    def _abandon_query(self) -> None:
+        running, self.query = self.query, None
+        if running is not None:
+            running.sink.fail("session closed")
+            if running.handle is not None:
+                running.handle.cancel()
+
+    def broadcast(self, frame: Frame) -> int:
+        for member in self.members.values():
+            member.ref.tell(frame)
+        return len(self.members)
 
     # -- connections -------------------------------------------------------
 
@@ -367,6 +490,7 @@ class SessionActor(LoopActor):
         return True
 
     def _end(self) -> None:
+        self._abandon_query()
         self.closing = True
         self.directory.remove(self.session_id, self.actor_ref)
         self.throttle.forget()

@@ -8,6 +8,7 @@ from broker.core import Broker
 from handlers.base import ApiHandler
 from handlers.health import HealthzHandler, ReadyzHandler
 from handlers.publish import PublishHandler
+from handlers.research import BroadcastHandler, ResearchStartHandler
 from handlers.sessions import SessionHandler
 from handlers.stats import StatsHandler
 from handlers.ws import BrokerWebSocket, ResearchWebSocket
@@ -34,6 +35,8 @@ def make_app(broker: Broker) -> tornado.web.Application:
             (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
             (r"/api/websocket/stats", StatsHandler, deps),
             (r"/api/events", PublishHandler, deps),
+            (r"/api/research/start", ResearchStartHandler, deps),
+            (r"/api/broadcast", BroadcastHandler, deps),
             (r"/api/sessions/([^/]+)/events", PublishHandler, deps),
             (r"/api/sessions/([^/]+)", SessionHandler, deps),
         ],

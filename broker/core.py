@@ -18,13 +18,19 @@ from actors.connection import ConnectionActor
 from actors.directory import SessionDirectory
 from actors.messages import (
     Attach,
+    BroadcastFrame,
     CloseSession,
     DescribeConnection,
     DescribeSession,
     Publish,
 )
+from actors.runtime import current_dispatcher
+from actors.session import control_frame, iso_now
 from actors.stats import BrokerStats
 from broker.config import DEFAULT_SETTINGS, Settings
+from broker.queries import make_query_backend
+from broker.research import SimulatedResearch, forward_to_upstream
+from broker.validation import normalize_events
 
 if TYPE_CHECKING:
     from pykka import ActorRef
@@ -44,6 +50,8 @@ class Broker:
     def __init__(self, settings: Settings = DEFAULT_SETTINGS) -> None:
         self.stats = BrokerStats()
         self.directory = SessionDirectory(settings, self.stats)
+        self.directory.query_backend = make_query_backend(settings)
+        self._dispatcher = current_dispatcher()
         self.started_at = time.monotonic()
         self.ready = False
         self.draining = False
@@ -80,6 +88,66 @@ class Broker:
                 seqs[index] = seq
         return seqs
 
+    async def publish_events(self, *events: dict[str, Any]) -> list[int | None]:
+        """In-process publishing with a reply: validate (ValidationFailed), publish, return seqs.
+
+        Call it on the broker's loop. From other threads use `emit()`.
+        """
+        return await self.publish(normalize_events(list(events), session_id=None, now=time.time()))
+
+    def emit(self, *events: dict[str, Any]) -> None:
+        """Fire-and-forget publishing from any thread (e.g. an orchestrator's worker).
+
+        Validation happens here, in the caller's thread, so a bad event raises
+        `broker.validation.ValidationFailed` at the call site; delivery then
+        happens on the broker's loop, in the order of emit() calls per thread.
+        """
+        normalized = normalize_events(list(events), session_id=None, now=time.time())
+
+        def publish() -> None:
+            by_session: dict[str, list[dict[str, Any]]] = {}
+            for event in normalized:
+                by_session.setdefault(event["session_id"], []).append(event)
+            for session_id, batch in by_session.items():
+                self.directory.get_or_create(session_id).tell(Publish(batch))
+
+        if self._dispatcher.on_thread():
+            publish()
+        else:
+            self._dispatcher.submit_from_thread(publish)
+
+    # -- research and broadcast ---------------------------------------------
+
+    async def start_research(self, session_id: str, query: str, user_id: str | None) -> None:
+        """Create the session, emit session_started, and get the research going."""
+        session = self.directory.get_or_create(session_id)
+        started = {"type": "session_started", "session_id": session_id, "query": query, "user_id": user_id}
+        await self.publish(normalize_events([started], session_id=session_id, now=time.time()))
+        url = self.settings.research_upstream_url
+        if not url:
+            SimulatedResearch.start(session, session_id, query)
+            return
+        problem = await forward_to_upstream(url, session_id, query, user_id)
+        if problem is not None:
+            failed = {"type": "error", "session_id": session_id, "error": problem, "code": "research_upstream"}
+            await self.publish(normalize_events([failed], session_id=session_id, now=time.time()))
+
+    async def broadcast(self, message: dict[str, Any], exclude: frozenset[str] = frozenset()) -> int:
+        """A connection-level message to every connected client outside `exclude`; no history."""
+        frame = control_frame({**message, "timestamp": iso_now(time.time())})
+        replies = [
+            ref.ask(BroadcastFrame(frame), block=False)
+            for session_id, ref in self.directory.items()
+            if session_id not in exclude
+        ]
+        delivered = 0
+        for reply in replies:
+            try:
+                delivered += await resolve(reply) or 0
+            except pykka.ActorDeadError:
+                continue
+        return delivered
+
     # -- connections ------------------------------------------------------
 
     def admit_connection(self, session_id: str) -> str | None:
@@ -107,12 +175,10 @@ class Broker:
         """Start the connection actor and attach it to its session."""
         connection_id = "c-" + uuid.uuid4().hex[:16]
         session = self.directory.get_or_create(session_id)
-        ref = ConnectionActor.start(connection_id, session_id, session, transport, self, self.stats)
+        ref = ConnectionActor.start(connection_id, session_id, session, transport, self, self.stats, user_id)
         self.connection_counts[session_id] = self.connection_counts.get(session_id, 0) + 1
         self.open_connections += 1
-        session.tell(
-            Attach(ref, connection_id, user_id, event_filter, replay, last_seq, epoch, greeting_type)
-        )
+        session.tell(Attach(ref, connection_id, user_id, event_filter, replay, last_seq, epoch, greeting_type))
         return ref
 
     def connection_closed(self, session_id: str) -> None:

@@ -1,0 +1,106 @@
+"""`POST /api/research/start` and `POST /api/broadcast`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from broker.validation import (
+    SESSION_ID_RE,
+    TYPE_RE,
+    BadRequest,
+    UnsupportedMediaType,
+    ValidationFailed,
+    parse_body,
+)
+from handlers.base import ApiHandler
+
+
+class JsonObjectHandler(ApiHandler):
+    """Reads a single JSON object body; answers 400/413/415 itself."""
+
+    def read_object(self) -> dict[str, Any] | None:
+        if len(self.request.body) > self.broker.settings.max_body_size:
+            self.fail(413, f"body is over max_body_size ({self.broker.settings.max_body_size})")
+            return None
+        try:
+            items = parse_body(self.request.body, self.request.headers.get("Content-Type"))
+        except (BadRequest, UnsupportedMediaType) as exc:
+            self.fail(exc.status, str(exc))
+            return None
+        if len(items) != 1 or not isinstance(items[0], dict) or self.request.body.lstrip()[:1] != b"{":
+            self.fail(400, "the body must be one JSON object")
+            return None
+        return items[0]
+
+    def reject(self, details: list[dict[str, Any]]) -> None:
+        exc = ValidationFailed(details)
+        self.fail(422, str(exc), details=exc.details)
+
+
+class ResearchStartHandler(JsonObjectHandler):
+    async def post(self) -> None:
+        if not self.require_publisher():
+            return
+        if self.broker.draining:
+            self.fail(503, "server is shutting down")
+            return
+        body = self.read_object()
+        if body is None:
+            return
+        details = []
+        query = body.get("query")
+        if not isinstance(query, str) or not query.strip():
+            details.append({"index": 0, "field": "query", "error": "query must be a non-empty string"})
+        user_id = body.get("user_id")
+        if user_id is not None and (not isinstance(user_id, str) or not 0 < len(user_id) <= 128):
+            details.append({"index": 0, "field": "user_id", "error": "user_id must be a string of 1 to 128 characters"})
+        session_id = body.get("session_id")
+        if session_id is not None and (not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id)):
+            details.append({"index": 0, "field": "session_id", "error": "session_id must match [A-Za-z0-9_.:-]{1,128}"})
+        if details:
+            self.reject(details)
+            return
+        if session_id is None:
+            session_id = "r-" + uuid.uuid4().hex[:16]
+        elif self.broker.session_exists(session_id):
+            self.fail(409, f"session {session_id!r} already exists")
+            return
+        await self.broker.start_research(session_id, query, user_id)
+        scheme = "wss" if self.request.protocol == "https" else "ws"
+        self.send_json(
+            201,
+            {
+                "session_id": session_id,
+                "ws_url": f"{scheme}://{self.request.host}/ws/research/{session_id}",
+                "status": "started",
+            },
+        )
+
+
+class BroadcastHandler(JsonObjectHandler):
+    async def post(self) -> None:
+        if not self.require_publisher():
+            return
+        body = self.read_object()
+        if body is None:
+            return
+        details = []
+        mtype = body.get("type", "system_notification")
+        if not isinstance(mtype, str) or not TYPE_RE.match(mtype):
+            details.append({"index": 0, "field": "type", "error": "type must match ^[a-z][a-z0-9_.]{0,63}$"})
+        if mtype == "system_notification" and not isinstance(body.get("message"), str):
+            details.append({"index": 0, "field": "message", "error": "message must be a string"})
+        exclude = body.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+            details.append({"index": 0, "field": "exclude", "error": "exclude must be a list of session ids"})
+        for reserved in ("seq", "epoch"):
+            if reserved in body:
+                details.append({"index": 0, "field": reserved, "error": f"{reserved} is reserved"})
+        if details:
+            self.reject(details)
+            return
+        message = {k: v for k, v in body.items() if k != "exclude"}
+        message["type"] = mtype
+        delivered = await self.broker.broadcast(message, frozenset(exclude))
+        self.send_json(202, {"delivered": delivered})
