@@ -18,6 +18,7 @@ handler, so it is tested with a recording fake.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -37,6 +38,7 @@ from actors.messages import (
     KeepaliveCheck,
     Replay,
     StartQuery,
+    TokenExpiry,
     TransportClosed,
 )
 from actors.runtime import LoopActor
@@ -77,10 +79,19 @@ class ConnectionActor(LoopActor):
         settings_source: Any,
         stats: BrokerStats,
         user_id: str | None = None,
+        expires_at: float | None = None,
+        refresh: Callable[[str], float] | None = None,
     ) -> None:
         super().__init__()
         self.connection_id = connection_id
         self.user_id = user_id
+        #: when the connection's token expires (wall clock), if it has one
+        self.expires_at = expires_at
+        #: checks a refresh token for this session and user: its expiry, or ValueError(reason)
+        self._refresh = refresh
+        self._expiry_timer: Any = None
+        self._bucket = 0.0
+        self._bucket_at = 0.0
         self.session_id = session_id
         self.session = session
         self.transport = transport
@@ -105,8 +116,10 @@ class ConnectionActor(LoopActor):
 
     def on_start(self) -> None:
         self.stats.active_connections += 1
-        self.last_write = self.clock.monotonic()
+        self.last_write = self._bucket_at = self.clock.monotonic()
+        self._bucket = float(self.settings.max_client_rate)
         self._arm_keepalive()
+        self._arm_expiry()
 
     def on_stop(self) -> None:
         self._cleanup()
@@ -117,8 +130,9 @@ class ConnectionActor(LoopActor):
 
     def _cleanup(self) -> None:
         self.stats.active_connections -= 1
-        if self._keepalive_timer is not None:
-            self._keepalive_timer.cancel()
+        for timer in (self._keepalive_timer, self._expiry_timer):
+            if timer is not None:
+                timer.cancel()
         if self.session.is_alive():
             self.session.tell(Detach(self.connection_id))
         self.queue.clear()
@@ -141,6 +155,8 @@ class ConnectionActor(LoopActor):
             return self.keepalive()
         if cls is TransportClosed:
             return self.transport_closed()
+        if cls is TokenExpiry:
+            return self.token_expired()
         if cls is DescribeConnection:
             return {"acked_seq": self.acked_seq, "queued_bytes": self.queued_live_bytes + self.inflight_live_bytes}
         return super().on_receive(message)
@@ -200,7 +216,7 @@ class ConnectionActor(LoopActor):
         queue = self.queue
         if not queue or self.closed:
             return
-        batch: list[bytes] = []
+        batch: list[Frame] = []
         size = 0
         live_bytes = 0
         while queue:
@@ -215,7 +231,7 @@ class ConnectionActor(LoopActor):
             if batch and size + len(frame.data) > WRITE_CHUNK:
                 break
             queue.popleft()
-            batch.append(frame.data)
+            batch.append(frame)
             size += len(frame.data)
             if item.live:
                 live_bytes += len(frame.data)
@@ -287,6 +303,9 @@ class ConnectionActor(LoopActor):
     def client_message(self, data: str | bytes) -> None:
         if self.closed:
             return
+        if not self._take_rate_token():
+            self.client_error("rate_limited", f"more than {self.settings.max_client_rate} messages a second; dropped")
+            return
         if isinstance(data, bytes):
             self.client_error("bad_json", "binary frames are not accepted; send JSON text")
             return
@@ -321,6 +340,51 @@ class ConnectionActor(LoopActor):
         if len(errors) > self.settings.max_client_errors:
             self.log.info("too_many_client_errors", errors=len(errors))
             self.close_request(CloseConnection(1008, "too many invalid messages"))
+
+    def _take_rate_token(self) -> bool:
+        """A token bucket of max_client_rate messages, refilled at that rate per second."""
+        rate = self.settings.max_client_rate
+        now = self.clock.monotonic()
+        self._bucket = min(float(rate), self._bucket + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        if self._bucket < 1.0:
+            return False
+        self._bucket -= 1.0
+        return True
+
+    # -- tokens ----------------------------------------------------------------
+
+    def _arm_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.expires_at is not None:
+            self._expiry_timer = self.tell_later(max(0.0, self.expires_at - self.clock.time()), TokenExpiry())
+
+    def token_expired(self) -> None:
+        self._expiry_timer = None
+        if self.expires_at is not None and self.clock.time() >= self.expires_at:
+            self.log.info("token_expired")
+            self._close_now(4001, "token expired")
+        else:
+            self._arm_expiry()  # refreshed meanwhile
+
+    def on_refresh(self, message: dict[str, Any]) -> None:
+        token = message.get("token")
+        if self._refresh is None:
+            self.client_error("bad_token", "this server does not use tokens")
+            return
+        if not isinstance(token, str) or not token:
+            self.client_error("bad_token", "refresh needs 'token', a string")
+            return
+        try:
+            expires_at = self._refresh(token)
+        except ValueError as exc:
+            self.client_error("bad_token", str(exc))
+            return
+        self.expires_at = expires_at
+        self._arm_expiry()
+        self.send({"type": "refreshed", "exp": int(expires_at), "timestamp": iso_now(self.clock.time())})
 
     def on_ping(self, message: dict[str, Any]) -> None:
         self.send({"type": "pong", "timestamp": iso_now(self.clock.time())})
@@ -380,4 +444,5 @@ _CLIENT_HANDLERS = {
     "disconnect": ConnectionActor.on_disconnect,
     "ack": ConnectionActor.on_ack,
     "query": ConnectionActor.on_query,
+    "refresh": ConnectionActor.on_refresh,
 }

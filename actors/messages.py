@@ -19,7 +19,7 @@ from actors.filters import EventFilter
 class Frame:
     """One encoded message on its way to sockets."""
 
-    __slots__ = ("data", "delivered", "seq", "task_id", "type")
+    __slots__ = ("data", "delivered", "seq", "task_id", "type", "wire")
 
     def __init__(self, data: bytes, type: str, seq: int | None = None, task_id: str | None = None) -> None:
         #: the JSON text, encoded once for every connection
@@ -32,6 +32,9 @@ class Frame:
         self.task_id = task_id
         #: set by the session once it was queued to at least one connection (replay=missed)
         self.delivered = False
+        #: the transport's encoding of `data` (a WebSocket frame), made by the first
+        #: connection that writes it and reused by every other one
+        self.wire: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Frame({self.type!r}, seq={self.seq}, {len(self.data)} bytes)"
@@ -133,6 +136,11 @@ class TransportClosed:
 @dataclass(frozen=True, slots=True)
 class DescribeConnection:
     """Ask: this connection's acked seq and unsent bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenExpiry:
+    """Timer: the connection's token may have expired."""
 
 
 class Flushed:

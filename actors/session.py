@@ -60,6 +60,11 @@ def new_epoch() -> str:
 iso_now = iso_timestamp
 
 
+def _plain_number(value: float) -> float | int:
+    """25.0 -> 25: settings are floats, the wire shows whole seconds as integers."""
+    return int(value) if float(value).is_integer() else value
+
+
 def control_frame(message: dict[str, Any]) -> Frame:
     """A connection-level message: no seq, never in history, passes every filter."""
     return Frame(orjson.dumps(message), message["type"])
@@ -411,7 +416,7 @@ class SessionActor(LoopActor):
                 "events": request.filter.echo(),
                 "epoch": self.epoch,
                 "last_seq": history.last_seq,
-                "keepalive_interval": self.directory.settings.keepalive_interval,
+                "keepalive_interval": _plain_number(self.directory.settings.keepalive_interval),
                 "timestamp": iso_now(self.clock.time()),
             }
         )

@@ -7,12 +7,18 @@ layer, and tests drive them with `broker.testing.RecordingTransport`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from actors.messages import Frame
 
 
 class Transport(Protocol):
-    def write(self, frames: list[bytes], on_flushed: Callable[[], None]) -> None:
-        """Send each item as one text message, in order.
+    def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> None:
+        """Send each frame's `data` as one text message, in order.
+
+        A transport may cache its encoding of a frame in `frame.wire`: the
+        same Frame object goes to every connection that receives it.
 
         Call `on_flushed` (on the dispatcher thread) once the socket has
         taken all of them; until then the connection sends nothing more.

@@ -30,9 +30,12 @@ from actors.stats import BrokerStats
 from broker.config import DEFAULT_SETTINGS, Settings
 from broker.queries import make_query_backend
 from broker.research import SimulatedResearch, forward_to_upstream
+from broker.tokens import TokenVerifier
 from broker.validation import normalize_events
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pykka import ActorRef
 
     from actors.filters import EventFilter
@@ -52,6 +55,7 @@ class Broker:
         self.directory = SessionDirectory(settings, self.stats)
         self.directory.query_backend = make_query_backend(settings)
         self._dispatcher = current_dispatcher()
+        self.tokens = TokenVerifier(settings)
         self.started_at = time.monotonic()
         self.ready = False
         self.draining = False
@@ -171,11 +175,15 @@ class Broker:
         epoch: str | None,
         greeting_type: str,
         transport: Transport,
+        expires_at: float | None = None,
+        refresh: Callable[[str], float] | None = None,
     ) -> ActorRef[Any]:
         """Start the connection actor and attach it to its session."""
         connection_id = "c-" + uuid.uuid4().hex[:16]
         session = self.directory.get_or_create(session_id)
-        ref = ConnectionActor.start(connection_id, session_id, session, transport, self, self.stats, user_id)
+        ref = ConnectionActor.start(
+            connection_id, session_id, session, transport, self, self.stats, user_id, expires_at, refresh
+        )
         self.connection_counts[session_id] = self.connection_counts.get(session_id, 0) + 1
         self.open_connections += 1
         session.tell(Attach(ref, connection_id, user_id, event_filter, replay, last_seq, epoch, greeting_type))

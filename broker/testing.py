@@ -253,10 +253,10 @@ class RecordingTransport:
         self.closed: tuple[int, str] | None = None
         self._pending: list[Callable[[], None]] = []
 
-    def write(self, frames: list[bytes], on_flushed: Callable[[], None]) -> None:
+    def write(self, frames: list[Any], on_flushed: Callable[[], None]) -> None:
         if self.fail_writes or self.closed is not None:
             raise ConnectionError("socket closed")
-        self.writes.append(list(frames))
+        self.writes.append([frame.data for frame in frames])
         if self.auto_flush:
             on_flushed()
         else:

@@ -68,14 +68,15 @@ class ResearchStartHandler(JsonObjectHandler):
             return
         await self.broker.start_research(session_id, query, user_id)
         scheme = "wss" if self.request.protocol == "https" else "ws"
-        self.send_json(
-            201,
-            {
-                "session_id": session_id,
-                "ws_url": f"{scheme}://{self.request.host}/ws/research/{session_id}",
-                "status": "started",
-            },
-        )
+        answer = {
+            "session_id": session_id,
+            "ws_url": f"{scheme}://{self.request.host}/ws/research/{session_id}",
+            "status": "started",
+        }
+        token = self.broker.tokens.mint(user_id or "anonymous", [session_id])
+        if token is not None:
+            answer["token"] = token
+        self.send_json(201, answer)
 
 
 class BroadcastHandler(JsonObjectHandler):

@@ -17,8 +17,9 @@ import tornado.websocket
 from tornado.iostream import StreamClosedError
 
 from actors.filters import FilterError, parse_events_param
-from actors.messages import ClientMessage, TransportClosed
+from actors.messages import ClientMessage, Frame, TransportClosed
 from broker.core import Broker
+from broker.tokens import TokenError, TokenVerifier, looks_like_jwt
 from broker.validation import SESSION_ID_RE
 from handlers.origins import origin_allowed
 
@@ -39,6 +40,19 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
         self.broker = broker
         self.connection: Any = None
         self.session_id: str | None = None
+        self._protocol_token: str | None = None
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """Browsers cannot set headers on a WebSocket: a token may come as a subprotocol.
+
+        Offer `["bearer", "<jwt>"]` (or the JWT alone); the server answers with
+        "bearer" (or the JWT), as browsers require one of the offered values back.
+        """
+        for protocol in subprotocols:
+            if looks_like_jwt(protocol):
+                self._protocol_token = protocol
+                return "bearer" if "bearer" in subprotocols else protocol
+        return None
 
     # -- handshake -----------------------------------------------------------
 
@@ -64,6 +78,17 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
         except HandshakeError as exc:
             self.close(1008, str(exc)[:120])
             return
+        tokens = self.broker.tokens
+        if tokens.required:
+            token = self.get_query_argument("token", None) or self._protocol_token
+            try:
+                grant = tokens.verify(token, params["session_id"], params["user_id"])
+            except TokenError as exc:
+                self.close(exc.code, exc.reason)
+                return
+            params["user_id"] = grant.user_id
+            params["expires_at"] = grant.expires_at
+            params["refresh"] = _refresher(tokens, params["session_id"], grant.user_id)
         self.session_id = params["session_id"]
         self.connection = self.broker.open_connection(
             greeting_type=self.greeting_type, transport=SocketTransport(self), **params
@@ -115,31 +140,69 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
             self.connection = None
 
 
+def websocket_frame(payload: bytes) -> bytes:
+    """An unmasked, uncompressed, final text frame (RFC 6455 section 5.2).
+
+    Server-to-client frames are not masked, so one message is the same bytes
+    for every connection: built once, shared by all (Frame.wire). A frame
+    without RSV1 is valid even where permessage-deflate was negotiated.
+    """
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n <= 0xFFFF:
+        header = b"\x81\x7e" + n.to_bytes(2, "big")
+    else:
+        header = b"\x81\x7f" + n.to_bytes(8, "big")
+    return header + payload
+
+
 class SocketTransport:
-    """The ConnectionActor's view of a Tornado WebSocket: write frames, close."""
+    """The ConnectionActor's view of a Tornado WebSocket: write frames, close.
+
+    Writes go straight to the IOStream as prebuilt frames, one stream write
+    per batch, instead of one `write_message` (framing + write) per message.
+    """
 
     __slots__ = ("handler",)
 
     def __init__(self, handler: tornado.websocket.WebSocketHandler) -> None:
         self.handler = handler
 
-    def write(self, frames: list[bytes], on_flushed: Callable[[], None]) -> None:
-        write_message = self.handler.write_message
-        future = None
-        for data in frames:
-            future = write_message(data)
+    def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> None:
+        connection = self.handler.ws_connection
+        if connection is None or connection.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        wires = []
+        for frame in frames:
+            wire = frame.wire
+            if wire is None:
+                wire = frame.wire = websocket_frame(frame.data)
+            wires.append(wire)
+        future = connection.stream.write(wires[0] if len(wires) == 1 else b"".join(wires))
 
         def done(f: Any) -> None:
             if f.cancelled() or f.exception() is not None:
                 return  # the socket closed; on_close tells the actor
             on_flushed()
 
-        if future is not None:
-            future.add_done_callback(done)
+        future.add_done_callback(done)
 
     def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(StreamClosedError):
             self.handler.close(code, reason)
+
+
+def _refresher(tokens: TokenVerifier, session_id: str, user_id: str) -> Callable[[str], float]:
+    """The connection actor's check of a refresh token: same session, same user."""
+
+    def refresh(token: str) -> float:
+        try:
+            return tokens.verify(token, session_id, user_id).expires_at
+        except TokenError as exc:
+            raise ValueError(exc.reason) from exc
+
+    return refresh
 
 
 class ResearchWebSocket(BrokerWebSocket):
