@@ -206,6 +206,7 @@ class ConnectionActor(LoopActor):
             if item.live and frame.__class__ is Frame and frame.task_id is not None:
                 if frame.task_id in newest:
                     self.queued_live_bytes -= len(frame.data)
+                    self.stats.compacted_messages += 1
                     continue
                 newest.add(frame.task_id)
             kept.appendleft(item)
@@ -304,6 +305,7 @@ class ConnectionActor(LoopActor):
         if self.closed:
             return
         if not self._take_rate_token():
+            self.stats.rate_limited_messages += 1
             self.client_error("rate_limited", f"more than {self.settings.max_client_rate} messages a second; dropped")
             return
         if isinstance(data, bytes):

@@ -10,7 +10,10 @@ from __future__ import annotations
 class BrokerStats:
     __slots__ = (
         "active_connections",
+        "compacted_messages",
         "connected_sessions",
+        "rate_limited_messages",
+        "refusals",
         "sessions_with_buffer",
         "slow_consumer_disconnects",
         "throttled_events",
@@ -29,3 +32,12 @@ class BrokerStats:
         self.slow_consumer_disconnects = 0
         #: session ids with at least one connection
         self.connected_sessions: set[str] = set()
+        #: queued task_progress dropped from slow clients' queues (a newer one superseded it)
+        self.compacted_messages = 0
+        #: client messages dropped for going over max_client_rate
+        self.rate_limited_messages = 0
+        #: handshakes and publishes refused by a limit, by the limit's name
+        self.refusals: dict[str, int] = {}
+
+    def refused(self, limit: str) -> None:
+        self.refusals[limit] = self.refusals.get(limit, 0) + 1

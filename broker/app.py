@@ -5,8 +5,11 @@ from __future__ import annotations
 import tornado.web
 
 from broker.core import Broker
+from broker.logs import log_request
+from broker.metrics import broker_registry
 from handlers.base import ApiHandler
 from handlers.health import HealthzHandler, ReadyzHandler
+from handlers.metrics import MetricsHandler
 from handlers.publish import PublishHandler
 from handlers.research import BroadcastHandler, ResearchStartHandler
 from handlers.sessions import SessionHandler
@@ -30,6 +33,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
         [
             (r"/healthz", HealthzHandler),
             (r"/readyz", ReadyzHandler, {"state": broker}),
+            (r"/metrics", MetricsHandler, {**deps, "registry": broker_registry(broker)}),
             (r"/ws", BrokerWebSocket, deps),
             (r"/ws/health", StatsHandler, deps),
             (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
@@ -42,6 +46,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
+        log_function=log_request,
         websocket_ping_interval=settings.ws_ping_interval,
         websocket_ping_timeout=settings.ws_ping_timeout,
         websocket_max_message_size=settings.max_message_size,

@@ -34,7 +34,7 @@ from broker.tokens import TokenVerifier
 from broker.validation import normalize_events
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from pykka import ActorRef
 
@@ -61,6 +61,7 @@ class Broker:
         self.draining = False
         #: connections per session, counted at the handshake (limits are checked there)
         self.connection_counts: dict[str, int] = {}
+        self.user_counts: dict[str, int] = {}
         self.open_connections = 0
 
     @property
@@ -154,14 +155,31 @@ class Broker:
 
     # -- connections ------------------------------------------------------
 
-    def admit_connection(self, session_id: str) -> str | None:
-        """Why a new connection for `session_id` must be refused (503), or None."""
+    def admit_connection(self, session_id: str, user_id: str | None = None) -> str | None:
+        """Why a new connection must be refused (503), or None. Counts each refusal by limit."""
+        settings = self.settings
         if self.draining:
             return "server is shutting down"
-        if self.open_connections >= self.settings.max_connections:
-            return "too many connections"
-        if self.connection_counts.get(session_id, 0) >= self.settings.max_connections_per_session:
-            return "too many connections for this session"
+        limit = None
+        if self.open_connections >= settings.max_connections:
+            limit, why = "max_connections", "too many connections"
+        elif self.connection_counts.get(session_id, 0) >= settings.max_connections_per_session:
+            limit, why = "max_connections_per_session", "too many connections for this session"
+        elif user_id is not None and self.user_counts.get(user_id, 0) >= settings.max_connections_per_user:
+            limit, why = "max_connections_per_user", "too many connections for this user"
+        elif not self.session_exists(session_id) and len(self.directory) >= settings.max_sessions:
+            limit, why = "max_sessions", "too many sessions"
+        if limit is None:
+            return None
+        self.stats.refused(limit)
+        return why
+
+    def admit_sessions(self, session_ids: Iterable[str]) -> str | None:
+        """Why publishing to these sessions must be refused (503), or None."""
+        new = sum(1 for sid in set(session_ids) if not self.session_exists(sid))
+        if new and len(self.directory) + new > self.settings.max_sessions:
+            self.stats.refused("max_sessions")
+            return "too many sessions"
         return None
 
     def open_connection(
@@ -185,12 +203,20 @@ class Broker:
             connection_id, session_id, session, transport, self, self.stats, user_id, expires_at, refresh
         )
         self.connection_counts[session_id] = self.connection_counts.get(session_id, 0) + 1
+        if user_id is not None:
+            self.user_counts[user_id] = self.user_counts.get(user_id, 0) + 1
         self.open_connections += 1
         session.tell(Attach(ref, connection_id, user_id, event_filter, replay, last_seq, epoch, greeting_type))
         return ref
 
-    def connection_closed(self, session_id: str) -> None:
+    def connection_closed(self, session_id: str, user_id: str | None = None) -> None:
         self.open_connections -= 1
+        if user_id is not None:
+            remaining = self.user_counts.get(user_id, 0) - 1
+            if remaining > 0:
+                self.user_counts[user_id] = remaining
+            else:
+                self.user_counts.pop(user_id, None)
         count = self.connection_counts.get(session_id, 0) - 1
         if count > 0:
             self.connection_counts[session_id] = count

@@ -1,69 +1,401 @@
-"""Run the broker as a process: loop, dispatcher, HTTP server, signals."""
+"""Run the broker as a process: loop, dispatcher, HTTP server, signals, systemd.
+
+The life of a daemon, in order:
+
+1. start: install the actor dispatcher on the loop, build the Broker and the
+   application, bind the listening sockets;
+2. ready: once the sockets listen (a `connect()` succeeds from then on),
+   `/readyz` turns 200 and systemd gets `READY=1`; from then on `WATCHDOG=1`
+   goes out from the loop at half of `WATCHDOG_USEC` (a blocked loop stops
+   the pings and systemd restarts the service) and `STATUS=` with live
+   counts every few seconds;
+3. SIGHUP: reload the configuration file (see `Daemon.reload`);
+4. SIGTERM / SIGINT: `STOPPING=1`, then the drain of PROTOCOL.md section 3:
+   `/readyz` 503, new handshakes and publishes 503, every client gets
+   `server_shutdown` then close 1001, actors stop (connections, then
+   sessions, then the rest), the HTTP server stops; exit 0 within
+   `shutdown_timeout`. A second signal during the drain exits at once.
+
+Everything here runs on the loop thread, except the forced-exit signal
+handler (see `Daemon._force_exit`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import sys
+import time
+from types import FrameType
+from typing import Any
 
+import pykka
 import structlog
-import tornado.httpserver
-from pykka import ActorRegistry
-from tornado.ioloop import IOLoop
+import tornado.web
+from pykka import ActorRef, ActorRegistry
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.netutil import bind_sockets
 
 from actors.connection import ConnectionActor
 from actors.messages import CloseConnection
-from actors.runtime import LoopDispatcher, install_dispatcher
-from actors.session import control_frame
+from actors.runtime import Dispatcher, LoopDispatcher, install_dispatcher
+from actors.session import SessionActor, control_frame
 from broker.app import SERVER_MAX_BODY, make_app
-from broker.config import Settings
+from broker.config import ConfigError, Settings, changed_keys, diff_for_reload, load_settings
 from broker.core import Broker
-from broker.logs import configure_logging
+from broker.logs import configure_logging, set_level
+from broker.sdnotify import SdNotifier, watchdog_period
+
+__all__ = ["RECONNECT_AFTER_MS", "STATUS_INTERVAL", "Daemon", "serve"]
 
 log = structlog.get_logger("actor_broker.daemon")
 
-#: How long clients are asked to wait before reconnecting after a shutdown.
+#: How long clients are asked to wait before reconnecting after a shutdown:
+#: long enough for a restart under systemd, short enough not to be noticed.
 RECONNECT_AFTER_MS = 2000
+#: Seconds between `STATUS=` updates (systemctl status shows the latest).
+STATUS_INTERVAL = 5.0
+#: How often the drain checks whether every client has gone. Closes are
+#: driven by the actors and sockets; this only notices that they are done.
+DRAIN_POLL = 0.05
+#: Part of `shutdown_timeout` (at most this many seconds) kept for stopping
+#: actors and the server after the clients had their chance to leave.
+STOP_RESERVE = 1.0
+
+#: Application settings that mirror broker settings; a reload updates them
+#: so new WebSocket connections use the new values.
+_APP_SETTINGS = {
+    "websocket_ping_interval": "ws_ping_interval",
+    "websocket_ping_timeout": "ws_ping_timeout",
+    "websocket_max_message_size": "max_message_size",
+}
+
+EXIT_OK = 0
+EXIT_CANNOT_LISTEN = 1
 
 
-async def run(settings: Settings) -> None:
-    install_dispatcher(LoopDispatcher(IOLoop.current()))
-    broker = Broker(settings)
-    app = make_app(broker)
-    server = tornado.httpserver.HTTPServer(app, max_body_size=SERVER_MAX_BODY, xheaders=False)
-    server.listen(settings.port, settings.host)
-    broker.ready = True
-    log.info("listening", host=settings.host, port=settings.port)
+class Daemon:
+    """One broker process. `run()` returns the exit code.
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining", connections=broker.stats.active_connections)
-    await drain(broker, settings.shutdown_timeout)
-    server.stop()
-    log.info("stopped")
+    `config_path` is the file SIGHUP reloads (None: nothing to reload).
+    `environ` is where `NOTIFY_SOCKET` and `WATCHDOG_USEC` are read, and what a
+    reload layers over the file (None: `os.environ`).
+    """
+
+    def __init__(
+        self, settings: Settings, config_path: str | None = None, environ: dict[str, str] | None = None
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.environ = dict(os.environ if environ is None else environ)
+        self.notifier = SdNotifier(self.environ)
+        self.watchdog_period = watchdog_period(self.environ)
+        self.broker: Broker | None = None
+        self.app: tornado.web.Application | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.port: int | None = None
+        self._stop = asyncio.Event()
+        self._stop_signal: str | None = None
+        self._periodic: list[PeriodicCallback] = []
+        self._pins = self._flag_pins()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM / SIGINT, then drain. Runs on the loop it serves."""
+        settings = self.settings
+        dispatcher = LoopDispatcher(IOLoop.current())
+        previous = install_dispatcher(dispatcher)
+        self.dispatcher = dispatcher
+        broker = self.broker = Broker(settings)
+        self.app = make_app(broker)
+        server = HTTPServer(self.app, max_body_size=SERVER_MAX_BODY, xheaders=False)
+        try:
+            sockets = bind_sockets(settings.port, settings.host)
+        except OSError as exc:
+            log.error("listen_failed", host=settings.host, port=settings.port, error=str(exc))
+            self.notifier.notify(
+                f"STATUS=cannot listen on {settings.host}:{settings.port}: {exc}", f"ERRNO={exc.errno or 0}"
+            )
+            install_dispatcher(previous)
+            return EXIT_CANNOT_LISTEN
+        server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self._install_signal_handlers()
+        try:
+            # The sockets listen from here on: a client's connect() succeeds
+            # (the kernel queues it until the loop accepts), so this is ready.
+            broker.ready = True
+            log.info(
+                "listening",
+                host=settings.host,
+                port=self.port,
+                pid=os.getpid(),
+                watchdog_period=self.watchdog_period,
+                config_path=self.config_path,
+            )
+            self.notifier.ready(self.status_line())
+            self._start_periodic()
+            await self._stop.wait()
+            await self.drain(server)
+        finally:
+            self._stop_periodic()
+            self._remove_signal_handlers()
+            install_dispatcher(previous)
+            self.notifier.close()
+        log.info("stopped", exit_code=EXIT_OK)
+        return EXIT_OK
+
+    def request_stop(self, signame: str = "request") -> None:
+        """Begin the graceful shutdown (what SIGTERM and SIGINT do)."""
+        if self._stop.is_set():
+            return
+        self._stop_signal = signame
+        self.notifier.stopping(f"stopping ({signame}): draining connections")
+        log.info("shutdown_requested", signal=signame)
+        self._stop.set()
+
+    def status_line(self) -> str:
+        """The one line `systemctl status` shows: what the broker holds right now."""
+        broker = self.broker
+        if broker is None:
+            return "starting"
+        stats = broker.stats
+        counts = (
+            f"{stats.active_connections} connections, {len(broker.directory)} sessions, "
+            f"{stats.total_buffered_messages} buffered messages"
+        )
+        return f"draining: {counts}" if broker.draining else counts
+
+    # -- drain -------------------------------------------------------------
+
+    async def drain(self, server: HTTPServer) -> None:
+        """Refuse new work, tell every client to come back later, close them with 1001.
+
+        Bounded by `shutdown_timeout` (as it is now: a reload may have
+        changed it): clients that have not gone when only `STOP_RESERVE` is
+        left are closed at once, then actors stop, then the server.
+        """
+        broker = self.broker
+        assert broker is not None
+        loop = asyncio.get_running_loop()
+        timeout = max(0.0, broker.settings.shutdown_timeout)
+        deadline = loop.time() + timeout
+        clients_deadline = deadline - min(STOP_RESERVE, timeout / 5)
+        broker.ready = False
+        broker.draining = True
+        log.info(
+            "draining",
+            connections=broker.stats.active_connections,
+            sessions=len(broker.directory),
+            shutdown_timeout=timeout,
+        )
+        self.notifier.status(self.status_line())
+        notice = control_frame({"type": "server_shutdown", "reconnect_after_ms": RECONNECT_AFTER_MS})
+        told: set[ActorRef[Any]] = set()
+        while True:
+            # Listed again each round: a handshake that passed admission just
+            # before draining began opens its connection a moment later.
+            for ref in self._actors(ConnectionActor):
+                if ref not in told:
+                    told.add(ref)
+                    _tell(ref, notice)
+                    _tell(ref, CloseConnection(1001, "server shutdown"))
+            if not self._clients_left() or loop.time() >= clients_deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        if self._clients_left():
+            log.warning(
+                "drain_timeout",
+                connections=broker.stats.active_connections,
+                sockets=broker.open_connections,
+                shutdown_timeout=timeout,
+            )
+            for ref in self._actors(ConnectionActor):
+                _tell(ref, CloseConnection(1001, "server shutdown", immediately=True))
+        else:
+            log.info("clients_closed", seconds=round(timeout - (deadline - loop.time()), 3))
+        await self._stop_actors(deadline)
+        server.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), max(0.0, deadline - loop.time()))
+
+    def _clients_left(self) -> bool:
+        """True while a connection actor lives or a WebSocket has not closed yet."""
+        broker = self.broker
+        assert broker is not None
+        return broker.stats.active_connections > 0 or broker.open_connections > 0
+
+    def _actors(self, actor_class: type[pykka.Actor] | None = None) -> list[ActorRef[Any]]:
+        """Live actors of this daemon's dispatcher, newest last (optionally of one class)."""
+        refs = ActorRegistry.get_all() if actor_class is None else ActorRegistry.get_by_class(actor_class)
+        return [r for r in refs if r.is_alive() and getattr(r.actor_inbox, "dispatcher", None) is self.dispatcher]
+
+    async def _stop_actors(self, deadline: float) -> None:
+        """Stop connections, then sessions, then anything else, each group awaited.
+
+        Connections first so that sessions see their connections leave (and
+        update the counters) before they go themselves.
+        """
+        loop = asyncio.get_running_loop()
+        for group in (ConnectionActor, SessionActor, None):
+            refs = list(reversed(self._actors(group)))
+            if not refs:
+                continue
+            futures = [_await_stop(ref) for ref in refs]
+            try:
+                await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                log.warning("actors_stop_timeout", kind=getattr(group, "__name__", "other"), count=len(refs))
+                return
+
+    # -- reload ------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration file again and apply what can change live.
+
+        Settings other than host, port, backend and redis_url take effect at
+        once, for new and existing sessions and connections: the broker's
+        actors read `broker.settings` when they use a value. The others keep
+        their value and are logged as needing a restart. A file that does not
+        load is logged and changes nothing. Values the command line gave
+        (`--log-level`) still win over the file, as at start-up.
+        """
+        broker = self.broker
+        if broker is None:
+            return
+        path = self.config_path
+        if path is None:
+            log.warning("reload_skipped", reason="no configuration file: start with --config or BROKER_CONFIG")
+            return
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                fresh = load_settings(path, env=self.environ)
+            except ConfigError as exc:
+                log.error("config_reload_failed", path=path, error=str(exc), kept="the settings in use")
+                return
+            except Exception as exc:
+                log.error("config_reload_failed", path=path, error=repr(exc), kept="the settings in use", exc_info=True)
+                return
+            old = broker.settings
+            applied, needs_restart = diff_for_reload(old, fresh.replace(**self._pins))
+            changed = changed_keys(old, applied)
+            broker.settings = applied
+            self._apply_to_runtime(old, applied)
+            log.info("config_reloaded", path=path, changed=changed)
+            if needs_restart:
+                log.warning(
+                    "config_restart_required",
+                    path=path,
+                    keys=needs_restart,
+                    detail="these keys keep their old value until the daemon restarts",
+                )
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _apply_to_runtime(self, old: Settings, new: Settings) -> None:
+        """What reads settings outside `broker.settings`: logging and Tornado's WebSocket options."""
+        if (new.log_format, new.log_level) != (old.log_format, old.log_level):
+            if new.log_format != old.log_format:
+                configure_logging(new.log_level, new.log_format)
+            else:
+                set_level(new.log_level)
+        if self.app is not None:
+            for app_key, key in _APP_SETTINGS.items():
+                self.app.settings[app_key] = getattr(new, key)
+
+    def _flag_pins(self) -> dict[str, Any]:
+        """Settings the caller set beyond the file and environment (command-line flags).
+
+        `serve()` gets finished settings, not the flags; comparing them with
+        what the file and environment alone give recovers the flags' values,
+        so a reload keeps them. If the file cannot be read now, nothing is
+        pinned (the reload will say what is wrong with it).
+        """
+        if self.config_path is None:
+            return {}
+        try:
+            baseline = load_settings(self.config_path, env=self.environ)
+        except Exception:  # noqa: BLE001 - only a refinement; start-up already validated
+            return {}
+        return {key: getattr(self.settings, key) for key in changed_keys(baseline, self.settings)}
+
+    # -- signals and timers --------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        """First SIGTERM / SIGINT: drain. From now on the next one exits at once."""
+        loop = asyncio.get_running_loop()
+        for other in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(other)
+            # A plain handler, not the loop's: it must work even if the loop is stuck.
+            signal.signal(other, self._force_exit)
+        self.request_stop(sig.name)
+
+    def _on_reload_signal(self) -> None:
+        log.info("reload_requested", signal="SIGHUP", path=self.config_path)
+        self.reload()
+
+    def _force_exit(self, signum: int, frame: FrameType | None) -> None:
+        """A second stop signal: give up on the drain and exit now.
+
+        Runs in the main thread between two bytecodes, wherever the loop is,
+        so it does the minimum: one log line, flush, `os._exit`. The exit code
+        is 128 + the signal's number, as a shell reports a killed process.
+        """
+        name = signal.Signals(signum).name
+        log.warning("forced_exit", signal=name, detail="second stop signal during the drain")
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(128 + signum)
+
+    def _start_periodic(self) -> None:
+        if self.watchdog_period is not None:
+            self.notifier.watchdog()
+            self._periodic.append(PeriodicCallback(self.notifier.watchdog, self.watchdog_period * 1000))
+        if self.notifier.enabled:
+            self._periodic.append(PeriodicCallback(self._send_status, STATUS_INTERVAL * 1000))
+        for callback in self._periodic:
+            callback.start()
+
+    def _stop_periodic(self) -> None:
+        for callback in self._periodic:
+            callback.stop()
+        self._periodic.clear()
+
+    def _send_status(self) -> None:
+        self.notifier.status(self.status_line())
 
 
-async def drain(broker: Broker, timeout: float) -> None:
-    """Refuse new work, tell every client to come back later, close them with 1001."""
-    broker.draining = True
-    broker.ready = False
-    notice = control_frame({"type": "server_shutdown", "reconnect_after_ms": RECONNECT_AFTER_MS})
-    for ref in ActorRegistry.get_by_class(ConnectionActor):
-        if ref.is_alive():
-            ref.tell(notice)
-            ref.tell(CloseConnection(1001, "server shutdown"))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while broker.stats.active_connections and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    for ref in reversed(ActorRegistry.get_all()):
-        if ref.is_alive():
-            ref.stop(block=False)
+def _tell(ref: ActorRef[Any], message: Any) -> None:
+    """Tell, accepting that the actor may have stopped meanwhile (a client that left)."""
+    with contextlib.suppress(pykka.ActorDeadError):
+        ref.tell(message)
 
 
-def serve(settings: Settings) -> int:
+async def _await_stop(ref: ActorRef[Any]) -> None:
+    await ref.stop(block=False)
+
+
+def serve(settings: Settings, config_path: str | None = None) -> int:
+    """Run the daemon until it is stopped; returns the process exit code.
+
+    `config_path` is the file the settings were loaded from (SIGHUP reloads
+    it); the CLI resolves it from `--config` or `BROKER_CONFIG`.
+    """
     configure_logging(settings.log_level, settings.log_format)
-    IOLoop.current().run_sync(lambda: run(settings))
-    return 0
+    return asyncio.run(Daemon(settings, config_path).run())

@@ -19,7 +19,9 @@ from typing import Any
 import orjson
 import structlog
 from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import IOStream
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.tcpclient import TCPClient
 
 from actors.clock import Clock, TimerHandle
 from actors.queries import QueryRequest, QuerySink
@@ -124,6 +126,32 @@ class _StreamParser:
             self.sink.fail('the query upstream sent a line that is neither {"content": ...} nor {"error": ...}')
 
 
+class _TrackingTCPClient(TCPClient):
+    """Remembers the streams it opens, so an abandoned fetch can be cut off.
+
+    `SimpleAsyncHTTPClient.close()` does not close a request in progress: a
+    stalled upstream (or a query abandoned with its session) would keep its
+    socket, and the fetch, open until the upstream ends the response.
+    """
+
+    def __init__(self, resolver: Any) -> None:
+        super().__init__(resolver=resolver)
+        self.streams: list[IOStream] = []
+        self.closed = False
+
+    async def connect(self, *args: Any, **kwargs: Any) -> IOStream:
+        stream = await super().connect(*args, **kwargs)
+        self.streams.append(stream)
+        if self.closed:  # abandoned while connecting
+            stream.close()
+        return stream
+
+    def close_streams(self) -> None:
+        self.closed = True
+        for stream in self.streams:
+            stream.close()
+
+
 class HttpUpstream:
     """Streams answers from an HTTP service (see the module docstring)."""
 
@@ -139,12 +167,13 @@ class HttpUpstream:
 
     async def _run(self, request: QueryRequest, sink: QuerySink) -> None:
         client = SimpleAsyncHTTPClient(force_instance=True)
+        connections = client.tcp_client = _TrackingTCPClient(client.resolver)
         loop = asyncio.get_running_loop()
         idle: list[asyncio.TimerHandle] = []
 
         def stalled() -> None:
             sink.fail(f"the query upstream sent nothing for {self.idle_timeout:g} s")
-            client.close()
+            connections.close_streams()  # ends the fetch too (599, after the error above)
 
         def activity() -> None:
             for handle in idle:
@@ -181,6 +210,7 @@ class HttpUpstream:
         finally:
             for handle in idle:
                 handle.cancel()
+            connections.close_streams()
             client.close()
 
 

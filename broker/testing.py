@@ -358,6 +358,7 @@ class WebSocketClient:
         """Read until the server closes; return (code, reason). Messages read are kept."""
         while await self.receive() is not None:
             pass
+        self.conn.close()  # the server closed it; release our side too
         return self.close_info()
 
     def close_info(self) -> tuple[int | None, str | None]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import uuid
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -14,6 +16,10 @@ import tornado.web
 from broker.core import Broker
 
 log = structlog.get_logger("actor_broker.http")
+
+#: An incoming X-Request-ID is echoed (and logged) only if it looks like an id;
+#: anything else (control characters, 200 bytes of text) gets a fresh one.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -28,9 +34,28 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
-        incoming = self.request.headers.get("X-Request-ID", "")
-        self.request_id = incoming[:128] if incoming else "r-" + uuid.uuid4().hex[:16]
-        self.set_header("X-Request-ID", self.request_id)
+        self.set_header("X-Request-ID", self._bind_request_id())
+
+    def _bind_request_id(self) -> str:
+        """The request's id, made once and bound to every log line of this request.
+
+        Runs from `set_default_headers`, i.e. when tornado builds the handler,
+        before it starts the task that runs `prepare` and the verb method: the
+        binding is inherited by that task, so subclasses that override
+        `prepare` without calling up (PublishHandler) are covered too. Tornado
+        calls `set_default_headers` again for an error response; the id stays.
+        """
+        request_id: str | None = getattr(self, "request_id", None)
+        if request_id is None:
+            incoming = self.request.headers.get("X-Request-ID", "")
+            request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else "r-" + uuid.uuid4().hex[:16]
+            self.request_id = request_id
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+        return request_id
+
+    def on_finish(self) -> None:
+        """The request is answered: its id must not stick to later lines of this task."""
+        structlog.contextvars.unbind_contextvars("request_id")
 
     def send_json(self, status: int, body: Any) -> None:
         self.set_status(status)
@@ -40,38 +65,75 @@ class ApiHandler(tornado.web.RequestHandler):
         self.send_json(status, {"error": error, **extra})
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Tornado's own errors (405, 500, ...) as JSON too, with the request id."""
+        """Tornado's own errors (405, 500, ...) as JSON too, with the request id.
+
+        An uncaught exception's details stay in the log (`log_exception`, once);
+        the client gets a generic reason and the id to quote.
+        """
         reason = self._reason
-        if status_code >= 500 and "exc_info" in kwargs:
-            log.error("request_failed", request_id=self.request_id, exc_info=kwargs["exc_info"])
+        exc_info = kwargs.get("exc_info")
+        if status_code >= 500 and exc_info is not None and not isinstance(exc_info[1], tornado.web.HTTPError):
             reason = "internal server error"
         self.finish(orjson.dumps({"error": reason, "request_id": self.request_id}))
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Log an uncaught exception once, as a structured event with the request id.
+
+        Replaces tornado's "Uncaught exception" record (which would repeat the
+        traceback in a second format); HTTPErrors are expected answers and keep
+        tornado's one-line warning.
+        """
+        if isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)
+            return
+        log.error(
+            "request_failed",
+            method=self.request.method,
+            path=self.request.path,
+            request_id=self.request_id,
+            exc_info=(typ, value, tb),
+        )
 
     def require_publisher(self) -> bool:
         """State-changing endpoints: a Bearer key when keys are set, else loopback only.
 
         Returns False after answering 401/403.
         """
+        refusal = self.publisher_refusal()
+        if refusal is None:
+            return True
+        self.refuse(*refusal)
+        return False
+
+    def publisher_refusal(self) -> tuple[int, str] | None:
+        """Why this request may not change state: (401 or 403, error text), or None if it may."""
         keys = self.broker.settings.api_keys
         if keys:
             header = self.request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token:
-                self.set_header("WWW-Authenticate", 'Bearer realm="actor-broker"')
-                self.fail(401, "an API key is required: send 'Authorization: Bearer KEY'")
-                return False
+                return 401, "an API key is required: send 'Authorization: Bearer KEY'"
             if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
-                self.fail(403, "this API key is not accepted")
-                return False
-            return True
+                return 403, "this API key is not accepted"
+            return None
         if not _is_loopback(self.request.remote_ip):
-            self.fail(
+            return (
                 403,
                 "publishing is open to loopback clients only while no api_keys are configured; "
                 "set api_keys in the configuration to publish from other hosts",
             )
-            return False
-        return True
+        return None
+
+    def refuse(self, status: int, error: str) -> None:
+        """Answer a refusal from `publisher_refusal` (or a 413), with the challenge a 401 needs."""
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="actor-broker"')
+        self.fail(status, error)
 
 
 def _is_loopback(address: str | None) -> bool:

@@ -1,34 +1,38 @@
-"""Liveness and readiness probes for operators and orchestrators."""
+"""Liveness and readiness probes for operators and orchestrators.
+
+They are `ApiHandler`s for what every response carries (`X-Request-ID`,
+`Cache-Control: no-store`, JSON errors), but need no broker.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import tornado.web
+from handlers.base import ApiHandler
 
 
-class HealthzHandler(tornado.web.RequestHandler):
+class HealthzHandler(ApiHandler):
     """`GET /healthz`: 200 while the process and its event loop answer.
 
     Answering at all proves the loop is alive; nothing else is checked, so a
     load balancer never takes a healthy process out over a dependency.
     """
 
+    def initialize(self) -> None:  # type: ignore[override]
+        """Takes nothing: a liveness probe depends on nothing."""
+
     def get(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(b'{"status":"ok"}')
+        self.send_json(200, {"status": "ok"})
 
 
-class ReadyzHandler(tornado.web.RequestHandler):
+class ReadyzHandler(ApiHandler):
     """`GET /readyz`: 200 when ready to serve, 503 while starting or draining."""
 
-    def initialize(self, state: Any) -> None:
+    def initialize(self, state: Any) -> None:  # type: ignore[override]
         self.state = state
 
     def get(self) -> None:
-        ready = self.state.ready
-        self.set_status(200 if ready else 503)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(b'{"status":"ready"}' if ready else b'{"status":"unavailable"}')
+        if self.state.ready:
+            self.send_json(200, {"status": "ready"})
+        else:
+            self.send_json(503, {"status": "unavailable"})

@@ -66,6 +66,10 @@ class ResearchStartHandler(JsonObjectHandler):
         elif self.broker.session_exists(session_id):
             self.fail(409, f"session {session_id!r} already exists")
             return
+        refusal = self.broker.admit_sessions([session_id])
+        if refusal is not None:
+            self.fail(503, refusal)
+            return
         await self.broker.start_research(session_id, query, user_id)
         scheme = "wss" if self.request.protocol == "https" else "ws"
         answer = {

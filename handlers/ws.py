@@ -19,7 +19,7 @@ from tornado.iostream import StreamClosedError
 from actors.filters import FilterError, parse_events_param
 from actors.messages import ClientMessage, Frame, TransportClosed
 from broker.core import Broker
-from broker.tokens import TokenError, TokenVerifier, looks_like_jwt
+from broker.tokens import TokenError, TokenVerifier, looks_like_jwt, unverified_subject
 from broker.validation import SESSION_ID_RE
 from handlers.origins import origin_allowed
 
@@ -40,6 +40,7 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
         self.broker = broker
         self.connection: Any = None
         self.session_id: str | None = None
+        self.user_id: str | None = None
         self._protocol_token: str | None = None
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
@@ -61,7 +62,7 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
         return origin_allowed(origin, self.request.host, self.broker.settings.allowed_origins)
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        refusal = self.broker.admit_connection(self._raw_session_id(*args) or "")
+        refusal = self.broker.admit_connection(self._raw_session_id(*args) or "", self._claimed_user())
         if refusal is not None:
             self.set_status(503)
             self.set_header("Content-Type", "application/json")
@@ -71,6 +72,13 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
 
     def _raw_session_id(self, *args: Any) -> str | None:
         return self.get_query_argument("session_id", None)
+
+    def _claimed_user(self) -> str | None:
+        """The user a handshake claims, for the per-user limit (checked before the token is)."""
+        user_id = self.get_query_argument("user_id", None)
+        if user_id is None and self.broker.tokens.required:
+            user_id = unverified_subject(self.get_query_argument("token", None))
+        return user_id
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -90,6 +98,7 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
             params["expires_at"] = grant.expires_at
             params["refresh"] = _refresher(tokens, params["session_id"], grant.user_id)
         self.session_id = params["session_id"]
+        self.user_id = params["user_id"]
         self.connection = self.broker.open_connection(
             greeting_type=self.greeting_type, transport=SocketTransport(self), **params
         )
@@ -136,7 +145,7 @@ class BrokerWebSocket(tornado.websocket.WebSocketHandler):
         if self.connection is not None:
             if self.connection.is_alive():
                 self.connection.tell(TransportClosed())
-            self.broker.connection_closed(self.session_id or "")
+            self.broker.connection_closed(self.session_id or "", self.user_id)
             self.connection = None
 
 

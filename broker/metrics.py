@@ -1,0 +1,164 @@
+"""Prometheus metrics for one Broker, read from its own counters at scrape time.
+
+The broker already counts what operators ask about (`actors.stats.BrokerStats`,
+bumped by the actors as things happen). Keeping a second set of prometheus
+counters in step would mean a call on the hot path of every delivery and two
+numbers that can disagree, so instead a custom collector turns the existing
+counters into metric families when `/metrics` is scraped: nothing happens
+between scrapes.
+
+Each Broker gets its own `CollectorRegistry` (never the process-global
+default one), so several brokers in one process (tests) do not collide.
+
+Thread-safety: `collect()` reads plain integers that only the dispatcher
+thread writes, so it must run on that thread too; the `/metrics` handler
+does (Tornado handlers and actors share the IOLoop thread).
+
+Not here: a publish-to-write latency histogram. It needs the time a frame
+was published carried to the moment its connection writes it, which is a
+change to the actors (`Frame`, `ConnectionActor`), not something a scrape
+can reconstruct.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pykka import ActorRegistry
+
+from actors.connection import ConnectionActor
+from actors.runtime import Dispatcher, current_dispatcher
+from actors.session import SessionActor
+
+if TYPE_CHECKING:
+    from broker.core import Broker
+
+__all__ = ["BrokerCollector", "broker_registry"]
+
+#: Label values of `broker_actors{kind=...}`.
+_KINDS: dict[type[Any], str] = {SessionActor: "session", ConnectionActor: "connection"}
+
+
+class BrokerCollector:
+    """Turns a Broker's counters and its actors' mailboxes into metric families.
+
+    `dispatcher` is the one the broker's actors run on; when None, the one
+    installed at the first scrape is used (the daemon installs it before
+    anything can be scraped).
+    """
+
+    def __init__(self, broker: Broker, dispatcher: Dispatcher | None = None) -> None:
+        self.broker = broker
+        self.dispatcher = dispatcher
+
+    def collect(self) -> Iterator[Metric]:
+        """Called by the registry on every scrape, on the dispatcher thread."""
+        broker = self.broker
+        s = broker.stats
+        yield _gauge(
+            "broker_connections", "Open WebSocket connections (connection actors alive).", s.active_connections
+        )
+        yield _gauge("broker_sessions", "Sessions held in memory (session actors alive).", len(broker.directory))
+        yield _gauge(
+            "broker_connected_sessions", "Sessions with at least one open connection.", len(s.connected_sessions)
+        )
+        yield _counter(
+            "broker_events_received",
+            "Events accepted from publishers (duplicates by event_id excluded).",
+            s.total_events_received,
+        )
+        yield _counter(
+            "broker_messages_delivered",
+            "Messages written to WebSocket clients: live events, replayed history and control messages.",
+            s.total_messages_sent,
+        )
+        yield _counter(
+            "broker_events_throttled",
+            "task_progress events never delivered because the throttle superseded or discarded them.",
+            s.throttled_events,
+        )
+        dropped = CounterMetricFamily(
+            "broker_events_dropped", "Events accepted but never delivered, by reason.", labels=["reason"]
+        )
+        dropped.add_metric(["throttled"], s.throttled_events)
+        yield dropped
+        yield _counter(
+            "broker_slow_consumer_disconnects",
+            "Connections closed with 4008 slow_consumer (unsent output over max_queue_bytes).",
+            s.slow_consumer_disconnects,
+        )
+        yield _gauge(
+            "broker_buffered_messages",
+            "Messages held in session histories (for replay and recovery).",
+            s.total_buffered_messages,
+        )
+        yield _gauge("broker_sessions_with_buffer", "Sessions holding at least one message.", s.sessions_with_buffer)
+        yield from self._actor_metrics()
+        yield _gauge("broker_ready", "1 while /readyz answers 200.", 1 if broker.ready else 0)
+        yield _gauge("broker_draining", "1 while shutting down gracefully.", 1 if broker.draining else 0)
+        yield _gauge(
+            "broker_uptime_seconds", "Seconds since the broker was created.", time.monotonic() - broker.started_at
+        )
+
+    def _actor_metrics(self) -> Iterator[Metric]:
+        """Actor counts and mailbox depth, walked at scrape time only.
+
+        Depth is the messages waiting in inboxes: a steadily growing sum means
+        the loop cannot keep up; a large maximum points at one flooded actor.
+        """
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            try:
+                dispatcher = self.dispatcher = current_dispatcher()
+            except RuntimeError:
+                return  # nothing runs yet, so there is nothing to report
+        counts = dict.fromkeys(_KINDS.values(), 0)
+        counts["other"] = 0
+        pending = 0
+        deepest = 0
+        for ref in ActorRegistry.get_all():
+            inbox = ref.actor_inbox
+            if getattr(inbox, "dispatcher", None) is not dispatcher:
+                continue
+            kind = _KINDS.get(ref.actor_class, "other")
+            counts[kind] += 1
+            depth = len(inbox)  # type: ignore[arg-type]
+            pending += depth
+            deepest = max(deepest, depth)
+        actors = GaugeMetricFamily("broker_actors", "Live actors, by kind.", labels=["kind"])
+        for kind, count in counts.items():
+            actors.add_metric([kind], count)
+        yield actors
+        yield _gauge("broker_actor_mailbox_messages", "Messages waiting in all actors' mailboxes.", pending)
+        yield _gauge("broker_actor_mailbox_max_messages", "Messages waiting in the fullest mailbox.", deepest)
+        yield _gauge(
+            "broker_actors_ready", "Actors with mail, queued for a turn on the dispatcher.", dispatcher.ready_count()
+        )
+
+
+def broker_registry(broker: Broker, dispatcher: Dispatcher | None = None, *, process: bool = True) -> CollectorRegistry:
+    """A fresh registry for `broker`: its collector, plus process/runtime metrics.
+
+    `process` adds the standard `process_*`, `python_info` and `python_gc_*`
+    families (memory, CPU, open files), which is what an operator checks
+    first when the broker misbehaves.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker, dispatcher))
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

@@ -1,0 +1,104 @@
+"""Embedding: the broker, an orchestrator and a client in one process.
+
+    python examples/embedded.py [--port 8051]
+
+An application that runs its own agents can host actor-broker in its
+process instead of POSTing to a daemon. It needs what `broker.daemon` does:
+install the actor dispatcher on the loop, create a `Broker`, serve
+`make_app(broker)`. Its orchestrator then publishes straight into the broker:
+
+* `await broker.publish_events(...)` on the loop (validated; returns the seqs);
+* `broker.emit(...)` from any other thread (fire-and-forget; order kept per thread).
+
+A WebSocket client, connected like any browser would be, prints what it gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import orjson
+from pykka import ActorRegistry
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from actors.runtime import LoopDispatcher, install_dispatcher
+from broker import events
+from broker.app import SERVER_MAX_BODY, make_app
+from broker.config import Settings
+from broker.core import Broker
+from broker.logs import configure_logging
+
+SESSION = "embedded-demo"
+
+
+def worker(broker: Broker, task_id: str) -> None:
+    """A blocking job on a worker thread: reports progress with the thread-safe emit()."""
+    broker.emit(events.task_started(SESSION, task_id, title="Crunch numbers"))
+    for progress in (0, 25, 50, 75, 100):
+        time.sleep(0.05)  # the "work"
+        broker.emit(events.task_progress(SESSION, task_id, progress, current_action=f"batch {progress // 25 + 1} of 5"))
+    broker.emit(events.task_completed(SESSION, task_id, result=42))
+
+
+async def orchestrator(broker: Broker) -> None:
+    """A toy run: plan, one task on a worker thread, report, done."""
+    seqs = await broker.publish_events(
+        events.session_started(SESSION, query="What is 6 x 7?"),
+        events.plan_generated(SESSION, plan={"steps": [{"task_id": "t1", "title": "Crunch numbers"}]}),
+    )
+    print(f"orchestrator: published session_started and plan_generated as seq {seqs}")
+    await asyncio.get_running_loop().run_in_executor(None, worker, broker, "t1")
+    await broker.publish_events(
+        events.report_generated(SESSION, report={"answer": 42}),
+        events.session_completed(SESSION, status="completed"),
+    )
+
+
+#: Fields every message has; the client prints the rest.
+ENVELOPE = {"type", "session_id", "seq", "epoch", "timestamp", "event_id", "correlation_id"}
+
+
+async def client(connection: WebSocketClientConnection) -> int:
+    """Follow the session until session_completed; return how many session events came."""
+    received = 0
+    while True:
+        message = orjson.loads(await connection.read_message())
+        if "seq" not in message:  # connection-level: connection_established, keepalive
+            print(f"client: {message['type']}")
+            continue
+        received += 1
+        payload = {k: v for k, v in message.items() if k not in ENVELOPE}
+        print(f"client: seq={message['seq']:<2} {message['type']:<17} {orjson.dumps(payload).decode()}")
+        if message["type"] == "session_completed":
+            return received
+
+
+async def main(port: int) -> None:
+    configure_logging("warning")  # the broker's own log lines, warnings only
+    install_dispatcher(LoopDispatcher(IOLoop.current()))  # actors run on this loop
+    broker = Broker(Settings(host="127.0.0.1", port=port))
+    server = HTTPServer(make_app(broker), max_body_size=SERVER_MAX_BODY)
+    server.listen(port, "127.0.0.1")
+    broker.ready = True
+
+    # A client connected like any browser would be (a later one would get the history: replay=all).
+    connection = await websocket_connect(f"ws://127.0.0.1:{port}/ws/research/{SESSION}")
+    following = asyncio.create_task(client(connection))
+    await orchestrator(broker)
+    received = await asyncio.wait_for(following, 10)
+
+    connection.close()
+    server.stop()
+    for ref in reversed(ActorRegistry.get_all()):
+        ref.stop(block=False)
+    print(f"done: the client received {received} events")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8051, help="port for the in-process broker (default 8051)")
+    asyncio.run(main(parser.parse_args().port))

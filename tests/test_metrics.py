@@ -1,0 +1,141 @@
+"""`GET /metrics`: Prometheus text that parses, and counters that follow the traffic.
+
+In process, against the real application (pytest-tornasync fixtures from
+conftest.py); the collector reads the Broker's own counters at scrape time,
+so these tests drive traffic and scrape again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from actors.messages import DescribeSession
+from broker.config import Settings
+from broker.core import Broker
+from broker.metrics import BrokerCollector, broker_registry
+from broker.testing import ActorHarness, WebSocketClient
+
+
+async def scrape(http_server_client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels)."""
+    response = await http_server_client.fetch("/metrics")
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert response.headers["Cache-Control"] == "no-store"
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def publish(http_server_client: Any, session_id: str, *events: dict[str, Any]) -> None:
+    response = await http_server_client.fetch(
+        f"/api/sessions/{session_id}/events",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        body=orjson.dumps(list(events)),
+    )
+    assert response.code == 202, response.body
+
+
+async def test_metrics_parse_and_start_at_zero(http_server_client):
+    samples = await scrape(http_server_client)
+    for name in (
+        "broker_connections",
+        "broker_sessions",
+        "broker_events_received_total",
+        "broker_messages_delivered_total",
+        "broker_events_throttled_total",
+        "broker_slow_consumer_disconnects_total",
+        "broker_buffered_messages",
+        "broker_actor_mailbox_messages",
+        "broker_actors_ready",
+    ):
+        assert value(samples, name) == 0, name
+    assert value(samples, "broker_events_dropped_total", reason="throttled") == 0
+    assert value(samples, "broker_ready") == 1
+    assert ("process_resident_memory_bytes", ()) in samples
+
+
+async def test_counters_follow_the_traffic(port, http_server_client, broker):
+    client = await WebSocketClient.connect(port, "/ws/research/m1")
+    await client.expect(type="connection_established")
+    progress = [
+        {"type": "task_progress", "task_id": "t1", "progress": p, "current_action": "reading"} for p in (10, 11, 12)
+    ]
+    await publish(
+        http_server_client,
+        "m1",
+        {"type": "task_started", "task_id": "t1"},
+        *progress,
+        {"type": "task_completed", "task_id": "t1"},
+    )
+    await client.receive_until(type="task_completed")
+    # The session has handled everything the publish started: ask it something.
+    assert await broker.directory.get("m1").ask(DescribeSession(), block=False)
+
+    samples = await scrape(http_server_client)
+    stats = broker.stats
+    assert value(samples, "broker_connections") == 1
+    assert value(samples, "broker_sessions") == 1
+    assert value(samples, "broker_connected_sessions") == 1
+    assert value(samples, "broker_events_received_total") == 5 == stats.total_events_received
+    # progress 11 was superseded by 12, and 12 was still held when the task completed
+    assert value(samples, "broker_events_throttled_total") == stats.throttled_events >= 1
+    assert value(samples, "broker_events_dropped_total", reason="throttled") == stats.throttled_events
+    delivered = value(samples, "broker_messages_delivered_total")
+    assert delivered == stats.total_messages_sent >= 4  # greeting, started, progress 10, completed
+    assert value(samples, "broker_buffered_messages") == stats.total_buffered_messages >= 3
+    assert value(samples, "broker_actors", kind="connection") == 1
+    assert value(samples, "broker_actors", kind="session") == 1
+
+    client.close()
+    await publish(http_server_client, "m1", {"type": "task_started", "task_id": "t2"})
+    later = await scrape(http_server_client)
+    assert value(later, "broker_events_received_total") == 6
+
+
+def test_mailbox_depth_is_read_from_the_inboxes_at_scrape_time():
+    """Under the manual dispatcher, messages wait until the test runs them."""
+    with ActorHarness() as harness:
+        broker = Broker(Settings())
+        collector = BrokerCollector(broker, harness.dispatcher)
+        session = broker.directory.get_or_create("deep")
+        for _ in range(3):
+            session.tell(DescribeSession())
+        samples = {s.name: s.value for family in collector.collect() for s in family.samples if not s.labels}
+        assert samples["broker_actor_mailbox_messages"] == 4  # on_start, then the three
+        assert samples["broker_actor_mailbox_max_messages"] == 4
+        assert samples["broker_actors_ready"] == 1
+        harness.run_until_idle()
+        samples = {s.name: s.value for family in collector.collect() for s in family.samples if not s.labels}
+        assert samples["broker_actor_mailbox_messages"] == 0
+        assert samples["broker_actors_ready"] == 0
+
+
+def test_each_broker_has_its_own_registry():
+    """No process-global registry: two brokers (two tests) never collide."""
+    with ActorHarness():
+        first, second = Broker(Settings()), Broker(Settings())
+        first.stats.total_events_received = 3
+        one, two = broker_registry(first, process=False), broker_registry(second, process=False)
+        assert one.get_sample_value("broker_events_received_total") == 3
+        assert two.get_sample_value("broker_events_received_total") == 0
+        assert broker_registry(first).get_sample_value("process_open_fds") is not None
+
+
+async def test_openmetrics_when_asked(http_server_client):
+    response = await http_server_client.fetch(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert response.body.endswith(b"# EOF\n")
