@@ -7,6 +7,7 @@ sleeping. `LoopClock` is the real one, backed by the asyncio loop.
 
 from __future__ import annotations
 
+import contextvars
 import heapq
 import itertools
 import time
@@ -62,7 +63,8 @@ class LoopClock:
         return time.time()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        return self._loop.call_later(max(0.0, delay), callback)  # type: ignore[attr-defined]
+        # A fresh context, as for dispatcher turns: timers fire outside any request.
+        return self._loop.call_later(max(0.0, delay), callback, context=contextvars.Context())  # type: ignore[attr-defined]
 
 
 class _ManualTimer:

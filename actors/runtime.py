@@ -206,14 +206,16 @@ class LoopDispatcher(Dispatcher):
         self.clock = LoopClock(self.asyncio_loop)
 
     def _request_run(self) -> None:
-        self.asyncio_loop.call_soon(self._tick)
+        # A fresh context: actor turns must not inherit whatever the caller had
+        # bound (a request id in a handler, say) into their log lines.
+        self.asyncio_loop.call_soon(self._tick, context=contextvars.Context())
 
     def _tick(self) -> None:
         self.run_ready(self.turns_per_tick)
 
     def submit_from_thread(self, callback: Callable[[], None]) -> None:
         try:
-            self.asyncio_loop.call_soon_threadsafe(callback)
+            self.asyncio_loop.call_soon_threadsafe(callback, context=contextvars.Context())
         except RuntimeError:  # loop closed: the actor is gone with it
             logger.debug("dispatcher loop closed; message dropped")
 

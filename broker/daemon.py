@@ -98,7 +98,6 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self.port: int | None = None
         self._stop = asyncio.Event()
-        self._stop_signal: str | None = None
         self._periodic: list[PeriodicCallback] = []
         self._pins = self._flag_pins()
 
@@ -153,7 +152,6 @@ class Daemon:
         """Begin the graceful shutdown (what SIGTERM and SIGINT do)."""
         if self._stop.is_set():
             return
-        self._stop_signal = signame
         self.notifier.stopping(f"stopping ({signame}): draining connections")
         log.info("shutdown_requested", signal=signame)
         self._stop.set()
@@ -333,9 +331,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
 
     def _remove_signal_handlers(self) -> None:
+        """Give the signals back (matters when `run()` is embedded in a longer-lived process)."""
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(RuntimeError, ValueError):
-            loop.remove_signal_handler(signal.SIGHUP)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if not loop.remove_signal_handler(sig) and signal.getsignal(sig) == self._force_exit:
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         """First SIGTERM / SIGINT: drain. From now on the next one exits at once."""

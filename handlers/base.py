@@ -22,21 +22,12 @@ log = structlog.get_logger("actor_broker.http")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
-class ApiHandler(tornado.web.RequestHandler):
-    """Base for the JSON API. Errors are `{"error": ...}` with the right status."""
+class RequestIdMixin:
+    """Every HTTP response, WebSocket handshakes included, carries X-Request-ID."""
 
-    broker: Broker
+    request: Any
 
-    def initialize(self, broker: Broker) -> None:
-        self.broker = broker
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("X-Request-ID", self._bind_request_id())
-
-    def _bind_request_id(self) -> str:
+    def _bind_request_id(self, *, bind_logs: bool = True) -> str:
         """The request's id, made once and bound to every log line of this request.
 
         Runs from `set_default_headers`, i.e. when tornado builds the handler,
@@ -50,8 +41,24 @@ class ApiHandler(tornado.web.RequestHandler):
             incoming = self.request.headers.get("X-Request-ID", "")
             request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else "r-" + uuid.uuid4().hex[:16]
             self.request_id = request_id
-            structlog.contextvars.bind_contextvars(request_id=request_id)
+            if bind_logs:
+                structlog.contextvars.bind_contextvars(request_id=request_id)
         return request_id
+
+
+class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
+    """Base for the JSON API. Errors are `{"error": ...}` with the right status."""
+
+    broker: Broker
+
+    def initialize(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Request-ID", self._bind_request_id())
 
     def on_finish(self) -> None:
         """The request is answered: its id must not stick to later lines of this task."""

@@ -21,6 +21,7 @@ from actors.messages import ClientMessage, Frame, TransportClosed
 from broker.core import Broker
 from broker.tokens import TokenError, TokenVerifier, looks_like_jwt, unverified_subject
 from broker.validation import SESSION_ID_RE
+from handlers.base import RequestIdMixin
 from handlers.origins import origin_allowed
 
 log = structlog.get_logger("actor_broker.ws")
@@ -32,9 +33,13 @@ class HandshakeError(ValueError):
     """A bad handshake parameter; its text is the 1008 close reason."""
 
 
-class BrokerWebSocket(tornado.websocket.WebSocketHandler):
+class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     greeting_type = "connected"
     default_replay = "missed"
+
+    def set_default_headers(self) -> None:
+        # Not bound to log context: a WebSocket outlives its handshake request.
+        self.set_header("X-Request-ID", self._bind_request_id(bind_logs=False))
 
     def initialize(self, broker: Broker) -> None:
         self.broker = broker

@@ -313,6 +313,18 @@ async def test_sigterm_drains_clients_and_exits_0(spawn):
     assert [e["event"] for e in daemon.logs() if e["event"] in {"draining", "stopped"}] == ["draining", "stopped"]
 
 
+async def test_sigint_drains_too(spawn):
+    daemon = spawn()
+    await daemon.started()
+    client = await daemon.client("s1")
+    await client.expect(type="connected")
+    daemon.send(signal.SIGINT)
+    await client.expect(type="server_shutdown")
+    assert (await client.closed())[0] == 1001
+    assert await daemon.exited() == 0, daemon.output()
+    await daemon.notify.wait_for("STOPPING", "1")
+
+
 async def test_a_second_sigterm_forces_the_exit(spawn):
     daemon = spawn(BROKER_SHUTDOWN_TIMEOUT="60")
     await daemon.started()

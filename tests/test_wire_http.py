@@ -942,7 +942,6 @@ async def test_api_responses_are_not_cached(http_server_client, method, path, bo
         assert_error(response, response.code)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: WebSocket paths answer a plain HTTP GET (400) without X-Request-ID")
 @pytest.mark.parametrize("path", ["/ws?session_id=s1", "/ws/research/s1"])
 async def test_websocket_paths_answer_plain_http_with_a_request_id(http_server_client, path):
     response = await http_server_client.fetch(path, headers={"X-Request-ID": "req-ws-1"}, raise_error=False)

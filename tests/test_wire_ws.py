@@ -153,9 +153,13 @@ def connect(broker, port):
     opened: list[WebSocketClient] = []
 
     async def connect(
-        session_id: str | None = None, *, research: bool = False, timeout: float = 5.0, **params: Any
+        session_id: str | None = None,
+        *,
+        research: bool = False,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+        **params: Any,
     ) -> WebSocketClient:
-        headers = params.pop("headers", None)
         if research:
             path = f"/ws/research/{session_id}"
         else:
