@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench-actors clean
+.PHONY: run test lint bench bench-actors clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+## Fan-out benchmark: actor-broker against a bare Tornado fan-out (a few minutes; bench/README.md).
+bench: $(STAMP)
+	@test -d bench/loadgen/node_modules/ws || (cd bench/loadgen && npm ci --no-audit --no-fund)
+	$(PY) bench/run.py
 
 ## Actor runtime micro-benchmark (about a minute).
 bench-actors: $(STAMP)

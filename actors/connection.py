@@ -241,8 +241,12 @@ class ConnectionActor(LoopActor):
         self.queued_live_bytes -= live_bytes
         self.inflight_live_bytes = live_bytes
         self.inflight = True
-        self.last_write = self.clock.monotonic()
+        now = self.last_write = self.clock.monotonic()
         self.stats.total_messages_sent += len(batch)
+        observe = self.stats.write_latency.observe
+        for frame in batch:
+            if frame.born:
+                observe(now - frame.born)
         ref = self.actor_ref
         try:
             self.transport.write(batch, lambda: _tell_flushed(ref))

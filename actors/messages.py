@@ -19,7 +19,7 @@ from actors.filters import EventFilter
 class Frame:
     """One encoded message on its way to sockets."""
 
-    __slots__ = ("data", "delivered", "seq", "task_id", "type", "wire")
+    __slots__ = ("born", "data", "delivered", "seq", "task_id", "type", "wire")
 
     def __init__(self, data: bytes, type: str, seq: int | None = None, task_id: str | None = None) -> None:
         #: the JSON text, encoded once for every connection
@@ -35,6 +35,8 @@ class Frame:
         #: the transport's encoding of `data` (a WebSocket frame), made by the first
         #: connection that writes it and reused by every other one
         self.wire: bytes | None = None
+        #: clock.monotonic() when the session made it (for publish-to-write latency); 0 if unknown
+        self.born = 0.0
 
     def __repr__(self) -> str:
         return f"Frame({self.type!r}, seq={self.seq}, {len(self.data)} bytes)"

@@ -111,6 +111,7 @@ class SessionActor(LoopActor):
         self.stats = directory.stats
         self.epoch = new_epoch()
         self.history: History = history or MemoryHistory(settings.buffer_size)
+        self._settings = settings
         self.throttle = ProgressThrottle(settings.min_delta, settings.max_interval_ms / 1000)
         self.members: dict[str, _Member] = {}
         self.accepted: OrderedDict[str, _Accepted] = OrderedDict()
@@ -182,7 +183,20 @@ class SessionActor(LoopActor):
 
     # -- publishing --------------------------------------------------------
 
+    def _follow_settings(self) -> None:
+        """A SIGHUP reload swaps the directory's settings; existing sessions follow them here."""
+        settings = self.directory.settings
+        if settings is self._settings:
+            return
+        self._settings = settings
+        self.throttle.min_delta = settings.min_delta
+        self.throttle.max_interval = settings.max_interval_ms / 1000
+        before = len(self.history)
+        if self.history.resize(settings.buffer_size):
+            self._set_buffered(len(self.history), before)
+
     def publish(self, events: list[dict[str, Any]]) -> list[int | None]:
+        self._follow_settings()
         now = self.clock.monotonic()
         self._prune_accepted(now)
         seqs: list[int | None] = []
@@ -242,6 +256,7 @@ class SessionActor(LoopActor):
         message["epoch"] = self.epoch
         etype = event["type"]
         frame = Frame(orjson.dumps(message), etype, seq, event.get("task_id") if etype == "task_progress" else None)
+        frame.born = self.clock.monotonic()
         before = len(self.history)
         evicted = self.history.append(frame)
         if evicted or len(self.history) != before:

@@ -6,6 +6,28 @@ locks; actors bump them as things happen instead of being polled.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
+
+class LatencyHistogram:
+    """Publish-to-write latency: cumulative-ready bucket counts, cheap to observe.
+
+    Observed once per message per connection on the hot path, so it is a
+    bisect and two additions; /metrics turns it into a Prometheus histogram.
+    """
+
+    BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.BOUNDS, seconds)] += 1
+        self.total += seconds
+
 
 class BrokerStats:
     __slots__ = (
@@ -20,6 +42,7 @@ class BrokerStats:
         "total_buffered_messages",
         "total_events_received",
         "total_messages_sent",
+        "write_latency",
     )
 
     def __init__(self) -> None:
@@ -38,6 +61,8 @@ class BrokerStats:
         self.rate_limited_messages = 0
         #: handshakes and publishes refused by a limit, by the limit's name
         self.refusals: dict[str, int] = {}
+        #: from the session making a message to its connection handing it to the socket
+        self.write_latency = LatencyHistogram()
 
     def refused(self, limit: str) -> None:
         self.refusals[limit] = self.refusals.get(limit, 0) + 1

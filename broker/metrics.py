@@ -27,12 +27,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from pykka import ActorRegistry
 
 from actors.connection import ConnectionActor
 from actors.runtime import Dispatcher, current_dispatcher
 from actors.session import SessionActor
+from actors.stats import LatencyHistogram
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -85,7 +86,20 @@ class BrokerCollector:
             "broker_events_dropped", "Events accepted but never delivered, by reason.", labels=["reason"]
         )
         dropped.add_metric(["throttled"], s.throttled_events)
+        dropped.add_metric(["compacted"], s.compacted_messages)
         yield dropped
+        yield _counter(
+            "broker_client_messages_rate_limited",
+            "Client messages dropped for going over max_client_rate.",
+            s.rate_limited_messages,
+        )
+        refusals = CounterMetricFamily(
+            "broker_limit_refusals", "Handshakes and publishes refused by a limit, by limit.", labels=["limit"]
+        )
+        for limit in LIMITS:
+            refusals.add_metric([limit], s.refusals.get(limit, 0))
+        yield refusals
+        yield _latency(s.write_latency)
         yield _counter(
             "broker_slow_consumer_disconnects",
             "Connections closed with 4008 slow_consumer (unsent output over max_queue_bytes).",
@@ -154,6 +168,23 @@ def broker_registry(broker: Broker, dispatcher: Dispatcher | None = None, *, pro
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
     return registry
+
+
+LIMITS = ("max_connections", "max_connections_per_session", "max_connections_per_user", "max_sessions")
+
+
+def _latency(histogram: LatencyHistogram) -> HistogramMetricFamily:
+    buckets = []
+    running = 0
+    for bound, count in zip((*histogram.BOUNDS, float("inf")), histogram.counts, strict=True):
+        running += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return HistogramMetricFamily(
+        "broker_publish_to_write_seconds",
+        "From a session accepting a message to a connection handing it to its socket.",
+        buckets=buckets,
+        sum_value=histogram.total,
+    )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -14,6 +14,7 @@ import structlog
 import tornado.web
 
 from broker.core import Broker
+from handlers.origins import origin_allowed
 
 log = structlog.get_logger("actor_broker.http")
 
@@ -59,6 +60,32 @@ class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("X-Request-ID", self._bind_request_id())
+        self._allow_origin()
+
+    def _allow_origin(self) -> bool:
+        """CORS: the same `allowed_origins` rule as WebSocket handshakes.
+
+        An allowed browser origin is echoed back; any other gets no CORS
+        headers, so the browser keeps the answer from the page.
+        """
+        origin = self.request.headers.get("Origin")
+        self.set_header("Vary", "Origin")
+        if origin is None or not origin_allowed(origin, self.request.host, self.broker.settings.allowed_origins):
+            return False
+        self.set_header("Access-Control-Allow-Origin", origin)
+        self.set_header("Access-Control-Expose-Headers", "X-Request-ID")
+        return True
+
+    def options(self, *args: Any) -> None:
+        """A CORS preflight: 204 for an allowed origin, 403 for any other."""
+        if not self.request.headers.get("Origin") or not self._allow_origin():
+            self.fail(403, "this origin may not use the API (see allowed_origins)")
+            return
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-ID")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
 
     def on_finish(self) -> None:
         """The request is answered: its id must not stick to later lines of this task."""

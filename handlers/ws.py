@@ -80,7 +80,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
 
     def _claimed_user(self) -> str | None:
         """The user a handshake claims, for the per-user limit (checked before the token is)."""
-        user_id = self.get_query_argument("user_id", None)
+        user_id = self.get_query_argument("user_id", None) or None
         if user_id is None and self.broker.tokens.required:
             user_id = unverified_subject(self.get_query_argument("token", None))
         return user_id
@@ -114,9 +114,9 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
             raise HandshakeError("session_id is required")
         if not SESSION_ID_RE.match(session_id):
             raise HandshakeError("session_id must match [A-Za-z0-9_.:-]{1,128}")
-        user_id = self.get_query_argument("user_id", None)
-        if user_id is not None and not 0 < len(user_id) <= 128:
-            raise HandshakeError("user_id must be 1 to 128 characters")
+        user_id = self.get_query_argument("user_id", None) or None  # empty means absent
+        if user_id is not None and len(user_id) > 128:
+            raise HandshakeError("user_id must be at most 128 characters")
         try:
             event_filter = parse_events_param(self.get_query_argument("events", None), self.broker.settings.presets)
         except FilterError as exc:
@@ -127,7 +127,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         last_seq: int | None = None
         raw_last_seq = self.get_query_argument("last_seq", None)
         if raw_last_seq is not None:
-            if not (raw_last_seq.isascii() and raw_last_seq.isdigit()) or len(raw_last_seq) > 18:
+            if not (raw_last_seq.isascii() and raw_last_seq.isdigit()) or len(raw_last_seq) > 64:
                 raise HandshakeError("last_seq must be a non-negative integer")
             last_seq = int(raw_last_seq)
         epoch = self.get_query_argument("epoch", None) or None

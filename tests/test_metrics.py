@@ -139,3 +139,22 @@ async def test_openmetrics_when_asked(http_server_client):
     assert response.code == 200
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert response.body.endswith(b"# EOF\n")
+
+
+async def test_limit_refusals_compaction_and_latency_are_exported(broker, http_server_client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    broker.stats.refused("max_sessions")
+    broker.stats.compacted_messages += 3
+    broker.stats.write_latency.observe(0.003)
+    body = (await http_server_client.fetch("/metrics")).body.decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    assert samples[("broker_limit_refusals_total", (("limit", "max_sessions"),))] == 1
+    assert samples[("broker_events_dropped_total", (("reason", "compacted"),))] == 3
+    assert samples[("broker_publish_to_write_seconds_bucket", (("le", "0.005"),))] == 1
+    assert samples[("broker_publish_to_write_seconds_bucket", (("le", "0.0025"),))] == 0
+    assert samples[("broker_publish_to_write_seconds_count", ())] == 1

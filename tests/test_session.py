@@ -489,3 +489,29 @@ def test_connection_describes_acked_seq(world):
     ref.tell(ClientMessage('{"type": "ack", "seq": 7}'))
     ref.tell(ClientMessage('{"type": "ack", "seq": 3}'))  # acks never go back
     assert ref.ask(DescribeConnection()) == {"acked_seq": 7, "queued_bytes": 0}
+
+
+def test_a_reload_applies_buffer_size_and_throttle_settings_to_existing_sessions(harness):
+    world = World(harness, buffer_size=10)
+    for i in range(10):
+        world.publish("s", {"type": "task_started", "task_id": f"t{i}"})
+    world.broker.settings = world.broker.settings.replace(buffer_size=4, min_delta=50)
+    world.publish("s", {"type": "task_started", "task_id": "t10"})
+    assert world.describe("s")["buffered_messages"] == 4
+    assert world.stats.total_buffered_messages == 4
+    _, client = world.connect("s", replay="none")
+    world.progress("s", "p", 10)
+    assert world.progress("s", "p", 40) is None  # under the new min_delta of 50
+    assert progress_values(client) == [10]
+
+
+def test_writes_record_publish_to_write_latency(harness):
+    world = World(harness)
+    _, client = world.connect("s", transport=RecordingTransport(auto_flush=False))
+    world.publish("s", {"type": "session_started"})  # queued behind the greeting in flight
+    harness.advance(0.02)
+    client.flush()
+    harness.run_until_idle()
+    histogram = world.stats.write_latency
+    assert sum(histogram.counts) == 1
+    assert histogram.total == pytest.approx(0.02)
