@@ -463,7 +463,11 @@ class SessionActor(LoopActor):
             else:
                 member.filter = member.filter.unsubscribe(request.items, presets)
         except FilterError as exc:  # the connection validated; presets may have changed since
-            member.ref.tell(control_frame({"type": "error", "code": "bad_message", "error": str(exc)}))
+            member.ref.tell(
+                control_frame(
+                    {"type": "error", "code": "bad_message", "error": str(exc), "timestamp": iso_now(self.clock.time())}
+                )
+            )
             return
         member.ref.tell(
             control_frame(

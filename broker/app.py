@@ -16,11 +16,14 @@ from handlers.sessions import SessionHandler
 from handlers.stats import StatsHandler
 from handlers.ws import BrokerWebSocket, ResearchWebSocket
 
-#: Bodies are streamed and checked against max_body_size by the handlers, so
-#: the server's own (connection-dropping) limit sits far above it.
-SERVER_MAX_BODY = 1 << 30
+#: The server's limit on a request body, for handlers that do not stream
+#: theirs (GET, DELETE: none needs a body). Every POST streams its body and
+#: raises this per request to answer oversize bodies with a 413
+#: (handlers/body.py).
+SERVER_MAX_BODY = 64 * 1024
 
 
+@tornado.web.stream_request_body  # answered before any body is read
 class NotFoundHandler(ApiHandler):
     def prepare(self) -> None:
         self.fail(404, f"no such endpoint: {self.request.path}")
@@ -31,8 +34,8 @@ def make_app(broker: Broker) -> tornado.web.Application:
     deps = {"broker": broker}
     return tornado.web.Application(
         [
-            (r"/healthz", HealthzHandler),
-            (r"/readyz", ReadyzHandler, {"state": broker}),
+            (r"/healthz", HealthzHandler, deps),
+            (r"/readyz", ReadyzHandler, deps),
             (r"/metrics", MetricsHandler, {**deps, "registry": broker_registry(broker)}),
             (r"/ws", BrokerWebSocket, deps),
             (r"/ws/health", StatsHandler, deps),

@@ -23,6 +23,7 @@ from actors.clock import iso_timestamp
 
 __all__ = [
     "MAX_BATCH_EVENTS",
+    "MAX_NESTING",
     "REQUIRED_FIELDS",
     "RESERVED_FIELDS",
     "SESSION_ID_RE",
@@ -31,6 +32,7 @@ __all__ = [
     "UnsupportedMediaType",
     "ValidationFailed",
     "iso_timestamp",
+    "nesting_problems",
     "normalize_events",
     "parse_body",
 ]
@@ -73,6 +75,13 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
 
 #: Ceiling on events per request, so one POST cannot monopolise the broker.
 MAX_BATCH_EVENTS = 1000
+
+#: Deepest nesting of arrays and objects in one event, the event object itself
+#: being level 1. Every delivered message is the event written out again by
+#: orjson, which refuses more than 254 levels: a deeper event used to be
+#: accepted by validation and then fail (HTTP 500) when the session wrote it.
+#: The margin leaves room for envelopes a backend may wrap messages in.
+MAX_NESTING = 128
 
 _MAX_ID_LENGTH = 128
 _JSON = "application/json"
@@ -327,6 +336,7 @@ def _item_problems(item: Any, path_session: str | None) -> list[tuple[str, str]]
     problems += _envelope_problems(item)
     problems += [(name, "is reserved for the broker") for name in item if name in RESERVED_FIELDS]
     problems += _payload_problems(item)
+    problems += nesting_problems(item)
     return problems
 
 
@@ -393,6 +403,31 @@ def _payload_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
         if name in item and (error := _FIELD_CHECKS[name](item[name])):
             problems.append((name, error))
     return problems
+
+
+def nesting_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, error) for each top-level field nested deeper than MAX_NESTING allows (the object is level 1).
+
+    Also for other objects the broker writes out again (broadcasts).
+    """
+    return [
+        (name, f"is nested more than {MAX_NESTING} levels deep (counting the event)")
+        for name, value in item.items()
+        if isinstance(value, dict | list) and _deeper_than(value, MAX_NESTING - 1)
+    ]
+
+
+def _deeper_than(value: dict[str, Any] | list[Any], levels: int) -> bool:
+    """Whether `value` has more than `levels` levels of arrays / objects (iterative: no recursion limit)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > levels:
+            return True
+        for child in container.values() if isinstance(container, dict) else container:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def _complete(

@@ -54,13 +54,15 @@ class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
 
     def initialize(self, broker: Broker) -> None:
         self.broker = broker
+        self._allow_origin()
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("X-Request-ID", self._bind_request_id())
-        self._allow_origin()
+        if getattr(self, "broker", None) is not None:  # tornado calls this once before initialize()
+            self._allow_origin()
 
     def _allow_origin(self) -> bool:
         """CORS: the same `allowed_origins` rule as WebSocket handshakes.

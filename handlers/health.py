@@ -1,12 +1,11 @@
 """Liveness and readiness probes for operators and orchestrators.
 
 They are `ApiHandler`s for what every response carries (`X-Request-ID`,
-`Cache-Control: no-store`, JSON errors), but need no broker.
+`Cache-Control: no-store`, CORS, JSON errors). Liveness reads nothing of the
+broker; readiness reads only its `ready` flag.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from handlers.base import ApiHandler
 
@@ -18,9 +17,6 @@ class HealthzHandler(ApiHandler):
     load balancer never takes a healthy process out over a dependency.
     """
 
-    def initialize(self) -> None:  # type: ignore[override]
-        """Takes nothing: a liveness probe depends on nothing."""
-
     def get(self) -> None:
         self.send_json(200, {"status": "ok"})
 
@@ -28,11 +24,8 @@ class HealthzHandler(ApiHandler):
 class ReadyzHandler(ApiHandler):
     """`GET /readyz`: 200 when ready to serve, 503 while starting or draining."""
 
-    def initialize(self, state: Any) -> None:  # type: ignore[override]
-        self.state = state
-
     def get(self) -> None:
-        if self.state.ready:
+        if self.broker.ready:
             self.send_json(200, {"status": "ready"})
         else:
             self.send_json(503, {"status": "unavailable"})

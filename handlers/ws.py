@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 import tornado.websocket
+from pykka import ActorDeadError
 from tornado.iostream import StreamClosedError
 
 from actors.filters import FilterError, parse_events_param
@@ -27,6 +28,7 @@ from handlers.origins import origin_allowed
 log = structlog.get_logger("actor_broker.ws")
 
 _REPLAY_MODES = frozenset({"all", "missed", "none"})
+_HANDSHAKE_ARGUMENTS = ("session_id", "user_id", "events", "replay", "last_seq", "epoch")
 
 
 class HandshakeError(ValueError):
@@ -47,6 +49,8 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         self.session_id: str | None = None
         self.user_id: str | None = None
         self._protocol_token: str | None = None
+        #: the first handshake argument that was not UTF-8 (see decode_argument)
+        self._undecodable: str | None = None
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """Browsers cannot set headers on a WebSocket: a token may come as a subprotocol.
@@ -78,11 +82,28 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     def _raw_session_id(self, *args: Any) -> str | None:
         return self.get_query_argument("session_id", None)
 
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Query and path arguments as text. One that is not UTF-8 is refused by `open`
+        with 1008, like any bad parameter: tornado's own answer would be a 400 at the
+        handshake, or, for arguments first read in `open`, a dropped socket with no close code.
+        A token that is not UTF-8 reads as empty: a malformed token (4001 where tokens are required).
+        """
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            if self._undecodable is None and name != "token":
+                self._undecodable = name or "session_id"  # the only path argument is the session
+            return ""
+
     def _claimed_user(self) -> str | None:
         """The user a handshake claims, for the per-user limit (checked before the token is)."""
         user_id = self.get_query_argument("user_id", None) or None
         if user_id is None and self.broker.tokens.required:
-            user_id = unverified_subject(self.get_query_argument("token", None))
+            token = self.get_query_argument("token", None)
+            if token is None:
+                offered = self.request.headers.get("Sec-WebSocket-Protocol", "")
+                token = next((p for p in (s.strip() for s in offered.split(",")) if looks_like_jwt(p)), None)
+            user_id = unverified_subject(token)
         return user_id
 
     def open(self, *args: Any, **kwargs: Any) -> None:
@@ -109,6 +130,10 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         )
 
     def _parse(self, *args: Any) -> dict[str, Any]:
+        for name in _HANDSHAKE_ARGUMENTS:  # decode each now, so one that is not UTF-8 is seen here
+            self.get_query_arguments(name)
+        if self._undecodable is not None:
+            raise HandshakeError(f"{self._undecodable} is not valid UTF-8")
         session_id = self._raw_session_id(*args)
         if not session_id:
             raise HandshakeError("session_id is required")
@@ -143,8 +168,10 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     # -- frames in -----------------------------------------------------------
 
     def on_message(self, message: str | bytes) -> None:
-        if self.connection is not None:
-            self.connection.tell(ClientMessage(message))
+        connection = self.connection
+        if connection is not None and connection.is_alive():  # frames after our close are dropped
+            with contextlib.suppress(ActorDeadError):
+                connection.tell(ClientMessage(message))
 
     def on_close(self) -> None:
         if self.connection is not None:

@@ -1,0 +1,78 @@
+"""POST bodies: streamed, bounded, and refused with an answer, never a reset.
+
+Every state-changing POST reads its body through `StreamedBodyHandler`, so
+auth and `max_body_size` are checked before any of the body is kept: a
+refused client cannot make the server hold a large body.
+"""
+
+from __future__ import annotations
+
+import tornado.web
+
+from handlers.base import ApiHandler
+
+#: A refusal decided before the body arrives (401/403, or 413 by Content-Length)
+#: is answered only once the body has been read and discarded, up to this many
+#: bytes. Most HTTP clients write the whole body before they read anything, and a
+#: server that answers and closes while body bytes are still arriving makes the
+#: client's kernel reset the connection: the client sees a dropped connection,
+#: never the answer. Past this size the answer goes out at once and the
+#: connection is closed, so a refused client cannot keep the server reading.
+DRAIN_LIMIT = 16 * 1024 * 1024
+
+
+@tornado.web.stream_request_body
+class StreamedBodyHandler(ApiHandler):
+    """Collects the body of an authorised request up to max_body_size; refuses the rest."""
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        limit = self.broker.settings.max_body_size
+        # The server's own limit is low (it applies to bodies nobody streams);
+        # here a body may run up to what we read before answering.
+        self.request.connection.set_max_body_size(max(limit, DRAIN_LIMIT) + 1)
+        #: (status, error) to answer instead of handling; the body is then discarded
+        self._refusal: tuple[int, str] | None = self.publisher_refusal()
+        length = self.request.headers.get("Content-Length")
+        declared = int(length) if length is not None and length.isascii() and length.isdigit() else None
+        if self._refusal is None and declared is not None and declared > limit:
+            self._refusal = self._too_large(f"body of {declared} bytes is over max_body_size ({limit})")
+        if self._refusal is not None and not self._drain_first(declared):
+            self.refuse(*self._refusal)
+
+    def _too_large(self, error: str) -> tuple[int, str]:
+        self.broker.stats.refused("max_body_size")
+        return 413, error
+
+    def _drain_first(self, declared: int | None) -> bool:
+        """Whether to read the body before answering a refusal (see DRAIN_LIMIT)."""
+        if self.request.headers.get("Expect", "").lower() == "100-continue":
+            return False  # the client sends no body until it hears from us
+        return declared is None or declared <= DRAIN_LIMIT
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        self._size += len(chunk)
+        limit = self.broker.settings.max_body_size
+        if self._refusal is None and self._size > limit:
+            self._refusal = self._too_large(f"body is over max_body_size ({limit})")
+        if self._refusal is None:
+            self._chunks.append(chunk)
+            return
+        self._chunks.clear()
+        if self._size > DRAIN_LIMIT:
+            self.refuse(*self._refusal)
+
+    def accepted_body(self) -> bytes | None:
+        """The body, or None after answering (refused, or draining)."""
+        if self._finished:  # refused before the whole body came
+            return None
+        if self._refusal is not None:
+            self.refuse(*self._refusal)
+            return None
+        if self.broker.draining:
+            self.fail(503, "server is shutting down")
+            return None
+        return b"".join(self._chunks)
