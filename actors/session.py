@@ -11,12 +11,14 @@ never in the wrong order, because both happen in this one actor.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from pykka import ActorDeadError
 
 from actors.clock import iso_timestamp
 from actors.filters import FilterError
@@ -264,10 +266,19 @@ class SessionActor(LoopActor):
         accepted = self.accepted.get(event["event_id"])
         if accepted is not None:
             accepted.seq = seq
+        departed = None
         for member in self.members.values():
             if member.filter.admits(etype):
-                member.ref.tell(frame)
+                try:
+                    member.ref.tell(frame)
+                except ActorDeadError:  # it stopped; its Detach is still on its way
+                    departed = departed or []
+                    departed.append(member.connection_id)
+                    continue
                 frame.delivered = True
+        if departed:
+            for connection_id in departed:
+                self.detach(connection_id)
         return seq
 
     def _set_buffered(self, size: int, before: int | None = None) -> None:
@@ -306,7 +317,8 @@ class SessionActor(LoopActor):
 
     def start_query(self, request: StartQuery) -> None:
         if self.query is not None:
-            request.connection.tell(
+            self._reply(
+                request.connection,
                 control_frame(
                     {
                         "type": "error",
@@ -314,7 +326,7 @@ class SessionActor(LoopActor):
                         "error": "a query is already running in this session; wait for its complete or error",
                         "timestamp": iso_now(self.clock.time()),
                     }
-                )
+                ),
             )
             return
         query_id = "q-" + uuid.uuid4().hex[:16]
@@ -388,9 +400,22 @@ class SessionActor(LoopActor):
                 running.handle.cancel()
 
     def broadcast(self, frame: Frame) -> int:
-        for member in self.members.values():
-            member.ref.tell(frame)
-        return len(self.members)
+        return sum(1 for member in list(self.members.values()) if self._tell(member, frame))
+
+    @staticmethod
+    def _reply(connection: ActorRef[Any], message: Any) -> None:
+        """Answer a connection that is not (or not yet) a member; it may have left."""
+        with contextlib.suppress(ActorDeadError):
+            connection.tell(message)
+
+    def _tell(self, member: _Member, message: Any) -> bool:
+        """Tell a connection; one that already stopped is forgotten, not an error."""
+        try:
+            member.ref.tell(message)
+        except ActorDeadError:
+            self.detach(member.connection_id)
+            return False
+        return True
 
     # -- connections -------------------------------------------------------
 
@@ -403,8 +428,9 @@ class SessionActor(LoopActor):
                 frames.append(self._gap(1, None))
                 replay = list(history)
             elif request.last_seq > history.last_seq:
-                request.connection.tell(
-                    CloseConnection(1008, "last_seq is beyond the session's newest seq", immediately=True)
+                self._reply(
+                    request.connection,
+                    CloseConnection(1008, "last_seq is beyond the session's newest seq", immediately=True),
                 )
                 return
             else:
@@ -435,7 +461,10 @@ class SessionActor(LoopActor):
                 "timestamp": iso_now(self.clock.time()),
             }
         )
-        request.connection.tell(Replay([greeting, *frames, *replay]))
+        try:
+            request.connection.tell(Replay([greeting, *frames, *replay]))
+        except ActorDeadError:
+            return  # it left before it was attached
         self.members[request.connection_id] = _Member(
             request.connection, request.connection_id, request.user_id, request.filter
         )
@@ -463,16 +492,18 @@ class SessionActor(LoopActor):
             else:
                 member.filter = member.filter.unsubscribe(request.items, presets)
         except FilterError as exc:  # the connection validated; presets may have changed since
-            member.ref.tell(
+            self._tell(
+                member,
                 control_frame(
                     {"type": "error", "code": "bad_message", "error": str(exc), "timestamp": iso_now(self.clock.time())}
-                )
+                ),
             )
             return
-        member.ref.tell(
+        self._tell(
+            member,
             control_frame(
                 {"type": "subscribed", "events": member.filter.echo(), "timestamp": iso_now(self.clock.time())}
-            )
+            ),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -506,9 +537,9 @@ class SessionActor(LoopActor):
                 "timestamp": iso_now(self.clock.time()),
             }
         )
-        for member in self.members.values():
-            member.ref.tell(notice)
-            member.ref.tell(CloseConnection(1000, "session closed"))
+        for member in list(self.members.values()):
+            if self._tell(member, notice):
+                self._tell(member, CloseConnection(1000, "session closed"))
         self.members.clear()
         self._end()
         return True

@@ -52,5 +52,4 @@ def make_app(broker: Broker) -> tornado.web.Application:
         log_function=log_request,
         websocket_ping_interval=settings.ws_ping_interval,
         websocket_ping_timeout=settings.ws_ping_timeout,
-        websocket_max_message_size=settings.max_message_size,
     )

@@ -70,7 +70,6 @@ STOP_RESERVE = 1.0
 _APP_SETTINGS = {
     "websocket_ping_interval": "ws_ping_interval",
     "websocket_ping_timeout": "ws_ping_timeout",
-    "websocket_max_message_size": "max_message_size",
 }
 
 EXIT_OK = 0
