@@ -11,9 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from pykka import ActorRef
 
 from actors.filters import EventFilter
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """JSON bytes of a message, in an allocation of their own size.
+
+    orjson's result keeps its whole working buffer (about 4 KiB) alive as
+    long as the bytes live; history and queues hold frames by the thousand,
+    so the one copy here saves about 4 KiB a frame.
+    """
+    return bytes(memoryview(orjson.dumps(message)))
 
 
 class Frame:

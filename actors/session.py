@@ -16,7 +16,6 @@ import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 from pykka import ActorDeadError
 
@@ -38,6 +37,7 @@ from actors.messages import (
     QueryEvent,
     Replay,
     StartQuery,
+    encode,
 )
 from actors.queries import QueryRequest, QuerySink
 from actors.runtime import LoopActor
@@ -69,7 +69,7 @@ def _plain_number(value: float) -> float | int:
 
 def control_frame(message: dict[str, Any]) -> Frame:
     """A connection-level message: no seq, never in history, passes every filter."""
-    return Frame(orjson.dumps(message), message["type"])
+    return Frame(encode(message), message["type"])
 
 
 class _Member:
@@ -257,7 +257,7 @@ class SessionActor(LoopActor):
         message["seq"] = seq
         message["epoch"] = self.epoch
         etype = event["type"]
-        frame = Frame(orjson.dumps(message), etype, seq, event.get("task_id") if etype == "task_progress" else None)
+        frame = Frame(encode(message), etype, seq, event.get("task_id") if etype == "task_progress" else None)
         frame.born = self.clock.monotonic()
         before = len(self.history)
         evicted = self.history.append(frame)
