@@ -61,12 +61,15 @@ ERROR_WINDOW = 60.0
 SLOW_CONSUMER = 4008
 
 
-class _Queued:
-    __slots__ = ("frame", "live")
+class _Replayed:
+    """A frame from history in the outbound queue: written like any other,
+    but not counted towards max_queue_bytes and never compacted. Live frames
+    are queued as they are, without a wrapper (the common case)."""
 
-    def __init__(self, frame: Frame | CloseConnection, live: bool) -> None:
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: Frame) -> None:
         self.frame = frame
-        self.live = live
 
 
 class ConnectionActor(LoopActor):
@@ -97,16 +100,22 @@ class ConnectionActor(LoopActor):
         self.transport = transport
         self._settings_source = settings_source  # has .settings; reloads show up here
         self.stats = stats
-        self.queue: deque[_Queued] = deque()
+        self.queue: deque[Frame | _Replayed | CloseConnection] | None = None
         self.queued_live_bytes = 0
         self.inflight_live_bytes = 0
         self.inflight = False
         self.closed = False
         self.acked_seq: int | None = None
         self.last_write = 0.0
-        self.errors: deque[float] = deque()
+        self.errors: deque[float] | None = None  # made at the first error
         self._keepalive_timer: Any = None
-        self.log = log.bind(session_id=session_id, connection_id=connection_id)
+        self._next_ping = 0.0
+        self._pong_due: float | None = None
+
+    @property
+    def log(self) -> Any:
+        """A logger bound to this connection, made when something is logged (rarely), not kept."""
+        return log.bind(session_id=self.session_id, connection_id=self.connection_id)
 
     @property
     def settings(self) -> Settings:
@@ -117,6 +126,7 @@ class ConnectionActor(LoopActor):
     def on_start(self) -> None:
         self.stats.active_connections += 1
         self.last_write = self._bucket_at = self.clock.monotonic()
+        self._next_ping = self.last_write + self.settings.ws_ping_interval
         self._bucket = float(self.settings.max_client_rate)
         self._arm_keepalive()
         self._arm_expiry()
@@ -135,7 +145,7 @@ class ConnectionActor(LoopActor):
                 timer.cancel()
         if self.session.is_alive():
             self.session.tell(Detach(self.connection_id))
-        self.queue.clear()
+        self.queue = None
 
     # -- dispatch ----------------------------------------------------------
 
@@ -163,10 +173,10 @@ class ConnectionActor(LoopActor):
 
     # -- outbound ----------------------------------------------------------
 
-    def enqueue(self, frame: Frame, *, live: bool) -> None:
+    def enqueue(self, frame: Frame, *, live: bool = True) -> None:
         if self.closed:
             return
-        self.queue.append(_Queued(frame, live))
+        self._push(frame if live else _Replayed(frame))
         if live:
             self.queued_live_bytes += len(frame.data)
         if not self.inflight:
@@ -174,18 +184,24 @@ class ConnectionActor(LoopActor):
         elif self.queued_live_bytes + self.inflight_live_bytes > self.settings.max_queue_bytes:
             self._over_limit()
 
+    def _push(self, item: Frame | _Replayed | CloseConnection) -> None:
+        """Queue an item; the deque exists only while something waits (idle sockets are many)."""
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        queue.append(item)
+
     def replay(self, frames: list[Frame]) -> None:
         if self.closed:
             return
-        queue = self.queue
         for frame in frames:
-            queue.append(_Queued(frame, False))
+            self._push(_Replayed(frame))
         if not self.inflight:
             self._write_next()
 
     def _over_limit(self) -> None:
         limit = self.settings.max_queue_bytes
-        if len(self.queue) + (1 if self.inflight else 0) <= 1:
+        if len(self.queue or ()) + (1 if self.inflight else 0) <= 1:
             return  # a single message, however large, is always written
         self._compact()
         if self.queued_live_bytes + self.inflight_live_bytes > limit:
@@ -198,17 +214,16 @@ class ConnectionActor(LoopActor):
             self._close_now(SLOW_CONSUMER, "slow_consumer")
 
     def _compact(self) -> None:
-        """Drop queued task_progress superseded by a newer one for the same task."""
+        """Drop queued live task_progress superseded by a newer one for the same task."""
         newest: set[str] = set()
-        kept: deque[_Queued] = deque()
-        for item in reversed(self.queue):
-            frame = item.frame
-            if item.live and frame.__class__ is Frame and frame.task_id is not None:
-                if frame.task_id in newest:
-                    self.queued_live_bytes -= len(frame.data)
+        kept: deque[Frame | _Replayed | CloseConnection] = deque()
+        for item in reversed(self.queue or ()):
+            if item.__class__ is Frame and item.task_id is not None:
+                if item.task_id in newest:
+                    self.queued_live_bytes -= len(item.data)
                     self.stats.compacted_messages += 1
                     continue
-                newest.add(frame.task_id)
+                newest.add(item.task_id)
             kept.appendleft(item)
         self.queue = kept
 
@@ -222,20 +237,23 @@ class ConnectionActor(LoopActor):
         live_bytes = 0
         while queue:
             item = queue[0]
-            frame = item.frame
-            if frame.__class__ is CloseConnection:
+            cls = item.__class__
+            if cls is CloseConnection:
                 if batch:
                     break  # close once what is before it is written
                 queue.popleft()
-                self._close_now(frame.code, frame.reason)
+                self._close_now(item.code, item.reason)
                 return
+            frame = item if cls is Frame else item.frame
             if batch and size + len(frame.data) > WRITE_CHUNK:
                 break
             queue.popleft()
             batch.append(frame)
             size += len(frame.data)
-            if item.live:
+            if cls is Frame:
                 live_bytes += len(frame.data)
+        if not queue:
+            self.queue = None
         if not batch:
             return
         self.queued_live_bytes -= live_bytes
@@ -264,7 +282,7 @@ class ConnectionActor(LoopActor):
         if request.immediately:
             self._close_now(request.code, request.reason)
         else:
-            self.queue.append(_Queued(request, False))
+            self._push(request)
             if not self.inflight:
                 self._write_next()
 
@@ -272,7 +290,7 @@ class ConnectionActor(LoopActor):
         if self.closed:
             return
         self.closed = True
-        self.queue.clear()
+        self.queue = None
         self.queued_live_bytes = 0
         try:
             self.transport.close(code, reason)
@@ -285,19 +303,43 @@ class ConnectionActor(LoopActor):
         self.stop()
 
     def keepalive(self) -> None:
+        """The connection's one timer: keepalive messages, WebSocket pings, pong deadline.
+
+        One timer per connection instead of a keepalive timer plus Tornado's
+        ping task: idle connections are the many, and each task costs ~1.5 KiB.
+        """
         self._keepalive_timer = None
         if self.closed:
             return
-        interval = self.settings.keepalive_interval
-        if self.clock.monotonic() - self.last_write >= interval and not self.inflight:
+        settings = self.settings
+        now = self.clock.monotonic()
+        if self._pong_due is not None and now >= self._pong_due:
+            self._pong_due = None
+            if not self.transport.pong_received():
+                self.log.info("ping_timed_out")
+                self._close_now(1000, "ping timed out")
+                return
+        if settings.ws_ping_interval > 0 and now >= self._next_ping:
+            self.transport.ping()
+            self._pong_due = now + min(settings.ws_ping_timeout, settings.ws_ping_interval)
+            self._next_ping = now + settings.ws_ping_interval
+        interval = settings.keepalive_interval
+        if interval > 0 and now - self.last_write >= interval and not self.inflight:
             self.send({"type": "keepalive", "timestamp": iso_now(self.clock.time())})
         self._arm_keepalive()
 
     def _arm_keepalive(self) -> None:
-        interval = self.settings.keepalive_interval
-        if interval > 0:
-            due = self.last_write + interval - self.clock.monotonic()
-            self._keepalive_timer = self.tell_later(max(0.05, due), KEEPALIVE_CHECK)
+        settings = self.settings
+        now = self.clock.monotonic()
+        dues = []
+        if settings.keepalive_interval > 0:
+            dues.append(self.last_write + settings.keepalive_interval)
+        if settings.ws_ping_interval > 0:
+            dues.append(self._next_ping)
+        if self._pong_due is not None:
+            dues.append(self._pong_due)
+        if dues:
+            self._keepalive_timer = self.tell_later(max(0.05, min(dues) - now), KEEPALIVE_CHECK)
 
     def send(self, message: dict[str, Any]) -> None:
         """A connection-level message to this client alone."""
@@ -340,6 +382,8 @@ class ConnectionActor(LoopActor):
             return
         now = self.clock.monotonic()
         errors = self.errors
+        if errors is None:
+            errors = self.errors = deque()
         errors.append(now)
         while errors and errors[0] <= now - ERROR_WINDOW:
             errors.popleft()

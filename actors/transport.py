@@ -26,6 +26,14 @@ class Transport(Protocol):
         """
         ...
 
+    def ping(self) -> None:
+        """Send a WebSocket-level ping; `pong_received()` turns False until a pong comes."""
+        ...
+
+    def pong_received(self) -> bool:
+        """Whether a pong arrived since the last `ping()`."""
+        ...
+
     def close(self, code: int, reason: str) -> None:
         """Close the socket with a WebSocket close code; idempotent."""
         ...

@@ -30,7 +30,7 @@ class NotFoundHandler(ApiHandler):
 
 
 def make_app(broker: Broker) -> tornado.web.Application:
-    settings = broker.settings
+
     deps = {"broker": broker}
     return tornado.web.Application(
         [
@@ -50,6 +50,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
         log_function=log_request,
-        websocket_ping_interval=settings.ws_ping_interval,
-        websocket_ping_timeout=settings.ws_ping_timeout,
+        # Pings are sent by the connection actors (one timer per connection
+        # for pings and keepalives), not by a Tornado task per connection.
+        websocket_ping_interval=0,
     )

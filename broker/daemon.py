@@ -65,12 +65,6 @@ DRAIN_POLL = 0.05
 #: actors and the server after the clients had their chance to leave.
 STOP_RESERVE = 1.0
 
-#: Application settings that mirror broker settings; a reload updates them
-#: so new WebSocket connections use the new values.
-_APP_SETTINGS = {
-    "websocket_ping_interval": "ws_ping_interval",
-    "websocket_ping_timeout": "ws_ping_timeout",
-}
 
 EXIT_OK = 0
 EXIT_CANNOT_LISTEN = 1
@@ -295,15 +289,16 @@ class Daemon:
             self.notifier.ready(self.status_line())
 
     def _apply_to_runtime(self, old: Settings, new: Settings) -> None:
-        """What reads settings outside `broker.settings`: logging and Tornado's WebSocket options."""
+        """What reads settings outside `broker.settings`: logging.
+
+        Everything else (pings, sizes, limits) is read from `broker.settings`
+        when used, so a reload reaches existing connections and sessions too.
+        """
         if (new.log_format, new.log_level) != (old.log_format, old.log_level):
             if new.log_format != old.log_format:
                 configure_logging(new.log_level, new.log_format)
             else:
                 set_level(new.log_level)
-        if self.app is not None:
-            for app_key, key in _APP_SETTINGS.items():
-                self.app.settings[app_key] = getattr(new, key)
 
     def _flag_pins(self) -> dict[str, Any]:
         """Settings the caller set beyond the file and environment (command-line flags).

@@ -251,6 +251,10 @@ class RecordingTransport:
         self.fail_writes = False
         self.writes: list[list[bytes]] = []
         self.closed: tuple[int, str] | None = None
+        #: set False to play a peer that went away without closing (no pongs)
+        self.answers_pings = True
+        self.pings = 0
+        self._ponged = True
         self._pending: list[Callable[[], None]] = []
 
     def write(self, frames: list[Any], on_flushed: Callable[[], None]) -> None:
@@ -261,6 +265,13 @@ class RecordingTransport:
             on_flushed()
         else:
             self._pending.append(on_flushed)
+
+    def ping(self) -> None:
+        self.pings += 1
+        self._ponged = self.answers_pings
+
+    def pong_received(self) -> bool:
+        return self._ponged
 
     def flush(self) -> None:
         """The client read everything written so far."""

@@ -61,6 +61,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         self.connection: Any = None
         self.session_id: str | None = None
         self.user_id: str | None = None
+        self.transport: SocketTransport | None = None
         self._protocol_token: str | None = None
         #: the first handshake argument that was not UTF-8 (see decode_argument)
         self._undecodable: str | None = None
@@ -83,14 +84,17 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         """Browsers only: the configured origins (PROTOCOL.md section 5); 403 otherwise."""
         return origin_allowed(origin, self.request.host, self.broker.settings.allowed_origins)
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        refusal = self.broker.admit_connection(self._raw_session_id(*args) or "", self._claimed_user())
+    def prepare(self) -> None:
+        """Refuse a handshake over a limit (or while draining) with 503, before upgrading.
+
+        Done here rather than in an async `get` override so no extra coroutine
+        frame stays alive for the connection's whole life.
+        """
+        refusal = self.broker.admit_connection(self._raw_session_id(*self.path_args) or "", self._claimed_user())
         if refusal is not None:
             self.set_status(503)
             self.set_header("Content-Type", "application/json")
             self.finish({"error": refusal})
-            return
-        await super().get(*args, **kwargs)
 
     def _raw_session_id(self, *args: Any) -> str | None:
         return self.get_query_argument("session_id", None)
@@ -138,8 +142,9 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
             params["refresh"] = _refresher(tokens, params["session_id"], grant.user_id)
         self.session_id = params["session_id"]
         self.user_id = params["user_id"]
+        self.transport = SocketTransport(self)
         self.connection = self.broker.open_connection(
-            greeting_type=self.greeting_type, transport=SocketTransport(self), **params
+            greeting_type=self.greeting_type, transport=self.transport, **params
         )
 
     def _parse(self, *args: Any) -> dict[str, Any]:
@@ -179,6 +184,10 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         }
 
     # -- frames in -----------------------------------------------------------
+
+    def on_pong(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.ponged = True
 
     def on_message(self, message: str | bytes) -> None:
         if _too_big(message, self.broker.settings.max_message_size):
@@ -229,10 +238,19 @@ class SocketTransport:
     per batch, instead of one `write_message` (framing + write) per message.
     """
 
-    __slots__ = ("handler",)
+    __slots__ = ("handler", "ponged")
 
     def __init__(self, handler: tornado.websocket.WebSocketHandler) -> None:
         self.handler = handler
+        self.ponged = True
+
+    def ping(self) -> None:
+        self.ponged = False
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError, StreamClosedError):
+            self.handler.ping()
+
+    def pong_received(self) -> bool:
+        return self.ponged
 
     def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> None:
         connection = self.handler.ws_connection
@@ -278,4 +296,3 @@ class ResearchWebSocket(BrokerWebSocket):
 
     def _raw_session_id(self, *args: Any) -> str | None:
         return args[0] if args else None
-

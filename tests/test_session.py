@@ -515,3 +515,19 @@ def test_writes_record_publish_to_write_latency(harness):
     histogram = world.stats.write_latency
     assert sum(histogram.counts) == 1
     assert histogram.total == pytest.approx(0.02)
+
+
+def test_a_peer_that_stops_answering_pings_is_closed_after_the_ping_timeout(harness):
+    world = World(harness, ws_ping_interval=20, ws_ping_timeout=10, keepalive_interval=0)
+    _, alive = world.connect("s")
+    _, dead = world.connect("s", transport=RecordingTransport())
+    dead.answers_pings = False
+    harness.advance(20)
+    assert alive.pings == dead.pings == 1
+    harness.advance(9.9)
+    assert dead.closed is None
+    harness.advance(0.1)
+    assert dead.closed == (1000, "ping timed out")
+    assert world.stats.active_connections == 1
+    harness.advance(60)
+    assert alive.closed is None and alive.pings == 4
