@@ -625,6 +625,10 @@ class LoopActor(pykka.Actor):
         queue, inbox.queue = inbox.queue, None
         while queue:
             _reject(queue.popleft(), self)
+        # actor -> ref -> inbox -> actor is a cycle; cut it so reference counting
+        # frees a stopped actor at once instead of leaving it to a full collection
+        # (connection churn makes thousands of them). Late puts are rejected.
+        inbox.actor = None
 
     def tell_later(self, delay: float, message: Any) -> TimerHandle:
         """Deliver `message` to this actor after `delay` seconds of its clock."""

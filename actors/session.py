@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections import OrderedDict
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -84,16 +84,6 @@ class _Member:
         self.filter = event_filter
 
 
-class _Accepted:
-    """An event_id the session has taken, and the seq it got (None while held)."""
-
-    __slots__ = ("at", "seq")
-
-    def __init__(self, at: float) -> None:
-        self.at = at
-        self.seq: int | None = None
-
-
 class _RunningQuery:
     __slots__ = ("chunks", "handle", "query_id", "sink")
 
@@ -116,7 +106,12 @@ class SessionActor(LoopActor):
         self._settings = settings
         self.throttle = ProgressThrottle(settings.min_delta, settings.max_interval_ms / 1000)
         self.members: dict[str, _Member] = {}
-        self.accepted: OrderedDict[str, _Accepted] = OrderedDict()
+        # Idempotent publishing: event_id -> the seq it got (None while held or
+        # if discarded), and the ids in the order they came, to forget them
+        # after dedup_window. Only strings, numbers and tuples of them: the
+        # garbage collector need not walk a window of 300 s of events.
+        self.accepted: dict[str, int | None] = {}
+        self.accepted_order: deque[tuple[float, str]] = deque()
         self.created_at = self.clock.time()
         self.last_event_at: float | None = None
         self.last_activity = self.clock.monotonic()
@@ -210,11 +205,10 @@ class SessionActor(LoopActor):
 
     def _publish_one(self, event: dict[str, Any], now: float) -> int | None:
         event_id = event["event_id"]
-        seen = self.accepted.get(event_id)
-        if seen is not None:
-            return seen.seq
-        accepted = _Accepted(now)
-        self.accepted[event_id] = accepted
+        if event_id in self.accepted:
+            return self.accepted[event_id]
+        self.accepted[event_id] = None
+        self.accepted_order.append((now, event_id))
         self.stats.total_events_received += 1
         etype = event["type"]
         if etype == "task_progress":
@@ -263,9 +257,9 @@ class SessionActor(LoopActor):
         evicted = self.history.append(frame)
         if evicted or len(self.history) != before:
             self._set_buffered(len(self.history), before)
-        accepted = self.accepted.get(event["event_id"])
-        if accepted is not None:
-            accepted.seq = seq
+        event_id = event["event_id"]
+        if event_id in self.accepted:
+            self.accepted[event_id] = seq
         departed = None
         for member in self.members.values():
             if member.filter.admits(etype):
@@ -293,12 +287,9 @@ class SessionActor(LoopActor):
 
     def _prune_accepted(self, now: float) -> None:
         horizon = now - self.directory.settings.dedup_window
-        accepted = self.accepted
-        while accepted:
-            event_id, entry = next(iter(accepted.items()))
-            if entry.at >= horizon:
-                break
-            del accepted[event_id]
+        order = self.accepted_order
+        while order and order[0][0] < horizon:
+            self.accepted.pop(order.popleft()[1], None)
 
     def _event(self, etype: str, **fields: Any) -> dict[str, Any]:
         """An event the session itself emits (queries), shaped like a published one."""

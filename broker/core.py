@@ -56,6 +56,8 @@ class Broker:
         self.directory.query_backend = make_query_backend(settings)
         self._dispatcher = current_dispatcher()
         self.tokens = TokenVerifier(settings)
+        #: garbage-collection pause histograms (broker.gc_tuning.GcPauses), when the daemon measures them
+        self.gc_pauses: Any = None
         self.started_at = time.monotonic()
         self.ready = False
         self.draining = False

@@ -46,6 +46,7 @@ from actors.session import SessionActor, control_frame
 from broker.app import SERVER_MAX_BODY, make_app
 from broker.config import ConfigError, Settings, changed_keys, diff_for_reload, load_settings
 from broker.core import Broker
+from broker.gc_tuning import GcPauses, freeze_startup
 from broker.logs import configure_logging, set_level
 from broker.sdnotify import SdNotifier, watchdog_period
 
@@ -121,8 +122,11 @@ class Daemon:
             # The sockets listen from here on: a client's connect() succeeds
             # (the kernel queues it until the loop accepts), so this is ready.
             broker.ready = True
+            broker.gc_pauses = GcPauses().install()
+            frozen = freeze_startup()
             log.info(
                 "listening",
+                gc_frozen_objects=frozen,
                 host=settings.host,
                 port=self.port,
                 pid=os.getpid(),

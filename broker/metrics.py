@@ -100,6 +100,14 @@ class BrokerCollector:
             refusals.add_metric([limit], s.refusals.get(limit, 0))
         yield refusals
         yield _latency(s.write_latency)
+        if broker.gc_pauses is not None:
+            pauses = broker.gc_pauses.by_generation
+            for generation, histogram in enumerate(pauses):
+                yield _histogram(
+                    f"broker_gc_pause_gen{generation}_seconds",
+                    f"Garbage-collection pauses of generation {generation} (the loop stalls meanwhile).",
+                    histogram,
+                )
         yield _counter(
             "broker_slow_consumer_disconnects",
             "Connections closed with 4008 slow_consumer (unsent output over max_queue_bytes).",
@@ -174,17 +182,20 @@ LIMITS = ("max_connections", "max_connections_per_session", "max_connections_per
 
 
 def _latency(histogram: LatencyHistogram) -> HistogramMetricFamily:
+    return _histogram(
+        "broker_publish_to_write_seconds",
+        "From a session accepting a message to a connection handing it to its socket.",
+        histogram,
+    )
+
+
+def _histogram(name: str, documentation: str, histogram: LatencyHistogram) -> HistogramMetricFamily:
     buckets = []
     running = 0
     for bound, count in zip((*histogram.BOUNDS, float("inf")), histogram.counts, strict=True):
         running += count
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-    return HistogramMetricFamily(
-        "broker_publish_to_write_seconds",
-        "From a session accepting a message to a connection handing it to its socket.",
-        buckets=buckets,
-        sum_value=histogram.total,
-    )
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.total)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -199,6 +199,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
                 connection.tell(ClientMessage(message))
 
     def on_close(self) -> None:
+        self.transport = None  # handler <-> transport is a cycle; the actor keeps what it needs
         if self.connection is not None:
             if self.connection.is_alive():
                 self.connection.tell(TransportClosed())

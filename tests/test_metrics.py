@@ -158,3 +158,25 @@ async def test_limit_refusals_compaction_and_latency_are_exported(broker, http_s
     assert samples[("broker_publish_to_write_seconds_bucket", (("le", "0.005"),))] == 1
     assert samples[("broker_publish_to_write_seconds_bucket", (("le", "0.0025"),))] == 0
     assert samples[("broker_publish_to_write_seconds_count", ())] == 1
+
+
+async def test_gc_pauses_are_measured_and_exported(broker, http_server_client):
+    import gc
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from broker.gc_tuning import GcPauses
+
+    broker.gc_pauses = GcPauses().install()
+    try:
+        gc.collect()
+    finally:
+        broker.gc_pauses.uninstall()
+    body = (await http_server_client.fetch("/metrics")).body.decode()
+    counts = {
+        s.name: s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    assert counts["broker_gc_pause_gen2_seconds_count"] >= 1
