@@ -325,8 +325,12 @@ class LoopFuture(pykka.Future[Any]):
         if event is not None:
             event.set()
         if waiters:
+            running = asyncio.events._get_running_loop()  # noqa: SLF001 - the cheap, non-raising lookup
             for loop, waiter in waiters:
-                loop.call_soon_threadsafe(_wake, waiter)
+                if loop is running:  # same thread: no self-pipe wake-up needed
+                    loop.call_soon(_wake, waiter)
+                else:
+                    loop.call_soon_threadsafe(_wake, waiter)
 
     def set(self, value: Any = None) -> None:
         if self.done() or self._get_hook is not None:

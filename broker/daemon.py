@@ -46,7 +46,7 @@ from actors.session import SessionActor, control_frame
 from broker.app import SERVER_MAX_BODY, make_app
 from broker.config import ConfigError, Settings, changed_keys, diff_for_reload, load_settings
 from broker.core import Broker
-from broker.gc_tuning import GcPauses, freeze_startup
+from broker.gc_tuning import THAW_INTERVAL, GcPauses, freeze_startup
 from broker.logs import configure_logging, set_level
 from broker.sdnotify import SdNotifier, watchdog_period
 
@@ -122,7 +122,7 @@ class Daemon:
             # The sockets listen from here on: a client's connect() succeeds
             # (the kernel queues it until the loop accepts), so this is ready.
             broker.ready = True
-            broker.gc_pauses = GcPauses().install()
+            broker.gc_pauses = GcPauses(freeze_survivors=True).install()
             frozen = freeze_startup()
             log.info(
                 "listening",
@@ -367,6 +367,7 @@ class Daemon:
             self._periodic.append(PeriodicCallback(self.notifier.watchdog, self.watchdog_period * 1000))
         if self.notifier.enabled:
             self._periodic.append(PeriodicCallback(self._send_status, STATUS_INTERVAL * 1000))
+        self._periodic.append(PeriodicCallback(GcPauses.thaw, THAW_INTERVAL * 1000))
         for callback in self._periodic:
             callback.start()
 

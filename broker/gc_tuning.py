@@ -25,16 +25,35 @@ from actors.stats import LatencyHistogram
 
 log = structlog.get_logger("actor_broker.gc")
 
+#: Seconds between thaws of frozen survivors (see GcPauses): how long a cycle
+#: among long-lived objects may wait to be collected, and how often one full
+#: collection walks everything.
+THAW_INTERVAL = 600.0
+
 #: A collection at least this long is logged: it stalled every client that long.
 LONG_PAUSE = 0.02
 
 
 class GcPauses:
-    """Collection pauses by generation, measured through gc.callbacks."""
+    """Collection pauses by generation, measured through gc.callbacks.
 
-    def __init__(self) -> None:
+    With `freeze_survivors`, whatever survives a full collection is frozen
+    right after it: survivors are long-lived by definition (connections,
+    sessions, their histories), and the next full collection then walks only
+    what was promoted since, not the whole process again. Cycles among frozen
+    objects are not collected until `thaw()`, which the daemon calls every
+    THAW_INTERVAL seconds: the one full collection after it walks everything,
+    reclaims such cycles, and its survivors are frozen again.
+    """
+
+    def __init__(self, *, freeze_survivors: bool = False) -> None:
         self.by_generation = [LatencyHistogram(), LatencyHistogram(), LatencyHistogram()]
+        self.freeze_survivors = freeze_survivors
         self._started = 0.0
+
+    @staticmethod
+    def thaw() -> None:
+        gc.unfreeze()
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -42,6 +61,8 @@ class GcPauses:
             return
         pause = time.perf_counter() - self._started
         self.by_generation[info["generation"]].observe(pause)
+        if self.freeze_survivors and info["generation"] == 2:
+            gc.freeze()
         if pause >= LONG_PAUSE:
             log.warning(
                 "gc_pause", generation=info["generation"], seconds=round(pause, 4), collected=info["collected"]

@@ -12,8 +12,9 @@ problem of every event in one 422, and nothing of a bad batch is published.
 
 from __future__ import annotations
 
+import itertools
 import re
-import uuid
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -322,8 +323,14 @@ def _check_batch_size(items: list[Any]) -> None:
         raise BadRequest(f"batch of {len(items)} events is over the limit of {MAX_BATCH_EVENTS} per request")
 
 
+#: Generated ids: a random prefix per process and a counter. Unique like a
+#: uuid4 for every practical purpose, at a fraction of its cost (two per event).
+_ID_PREFIX = "ev-" + secrets.token_hex(8)
+_id_counter = itertools.count(1)
+
+
 def _default_id() -> str:
-    return "ev-" + uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 def _item_problems(item: Any, path_session: str | None) -> list[tuple[str, str]]:
