@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from pykka import ActorRegistry
+from tornado.httpserver import HTTPServer
 
 from actors.runtime import LoopDispatcher, install_dispatcher
 from broker.app import make_app
@@ -21,9 +22,9 @@ def harness():
 
 
 @pytest.fixture
-def settings() -> Settings:
-    """Override in a test module (or parametrize) to run the app with other settings."""
-    return Settings()
+def settings(request) -> Settings:
+    """Default settings, or what a test asked for with tests.support.with_settings."""
+    return getattr(request, "param", Settings())
 
 
 @pytest.fixture
@@ -43,6 +44,20 @@ def broker(io_loop, settings):
 @pytest.fixture
 def app(broker):
     return make_app(broker)
+
+
+@pytest.fixture
+def http_server(io_loop, http_server_port, app):
+    """pytest-tornasync's server, with `app` a declared dependency.
+
+    The plugin looks `app` up at run time, which parametrized `settings`
+    cannot reach; naming it here puts it in every wire test's fixture closure.
+    """
+    server = HTTPServer(app)
+    server.add_socket(http_server_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections)
 
 
 @pytest.fixture

@@ -59,9 +59,9 @@ from hypothesis import strategies as st
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.websocket import websocket_connect
 
-from broker.config import Settings
 from broker.testing import WebSocketClient
 from broker.validation import SESSION_ID_RE
+from tests.support import with_settings
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -113,21 +113,10 @@ PROPERTY = hypothesis_settings(
 )
 
 
-@pytest.fixture
-def settings(request) -> Settings:
-    """The conftest default, or what a test asked for with `with_settings`."""
-    return getattr(request, "param", Settings())
 
 
-@pytest.fixture(autouse=True)
-def _app(app):
-    """Name the app statically so `with_settings` reaches it (see tests/test_wire_http.py)."""
-    return app
 
 
-def with_settings(**changes: Any) -> pytest.MarkDecorator:
-    label = ",".join(f"{key}={value!r}" for key, value in changes.items())
-    return pytest.mark.parametrize("settings", [Settings().replace(**changes)], ids=[label], indirect=True)
 
 
 @pytest.fixture

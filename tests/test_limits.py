@@ -29,30 +29,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from broker.config import Settings
 from broker.testing import WebSocketClient
 from broker.validation import MAX_BATCH_EVENTS
+from tests.support import with_settings
 
 JSON = {"Content-Type": "application/json"}
 SECRET = "limits-test-secret-of-a-decent-length-0123"
 
 
-@pytest.fixture
-def settings(request) -> Settings:
-    """The conftest default, or what a test asked for with `with_settings`."""
-    return getattr(request, "param", Settings())
 
 
-@pytest.fixture(autouse=True)
-def _app(app):
-    """Name the app statically so `settings` (parametrized by `with_settings`) reaches it."""
-    return app
 
 
-def with_settings(**changes: Any) -> pytest.MarkDecorator:
-    """Run the test against an app built with these settings changed."""
-    label = ",".join(f"{key}={value!r}" for key, value in changes.items() if key != "jwt_secret")
-    return pytest.mark.parametrize("settings", [Settings().replace(**changes)], ids=[label or "jwt"], indirect=True)
 
 
 # -- helpers -------------------------------------------------------------------

@@ -15,9 +15,9 @@ import orjson
 import pytest
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from broker.config import Settings
 from broker.testing import WebSocketClient
 from handlers.origins import origin_allowed
+from tests.support import with_settings
 
 HOST = "broker.example:8050"
 LOCAL_UI = "http://localhost:3000"
@@ -119,21 +119,10 @@ def test_a_star_allows_every_origin(origin):
 # -- over the wire: settings per test -------------------------------------------------
 
 
-@pytest.fixture
-def settings(request) -> Settings:
-    """The conftest default, or what a test asked for with `with_settings`."""
-    return getattr(request, "param", Settings())
 
 
-@pytest.fixture(autouse=True)
-def _app(app):
-    """Name the app statically so `settings` (parametrized by `with_settings`) reaches it."""
-    return app
 
 
-def with_settings(**changes: Any) -> pytest.MarkDecorator:
-    label = ",".join(f"{key}={value!r}" for key, value in changes.items())
-    return pytest.mark.parametrize("settings", [Settings().replace(**changes)], ids=[label], indirect=True)
 
 
 async def fetch(http: Any, path: str, method: str = "GET", **kwargs: Any) -> HTTPResponse:

@@ -72,19 +72,14 @@ def settings() -> Settings:
     return Settings(max_queue_bytes=64 * 1024, buffer_size=1000, dedup_window=5.0)
 
 
-@pytest.fixture(autouse=True)
-def _app(app):
-    """Name the app statically, so `http_server` builds it from this module's settings."""
-    return app
-
-
 #: Client connections open now; whatever is left is closed at teardown (a failure cancels
 #: the tasks mid-way, and an unclosed client is a ResourceWarning, i.e. an error).
 OPENED: set[WebSocketClientConnection] = set()
 
 
 @pytest.fixture(autouse=True)
-def _close_clients():
+def _close_clients(io_loop):
+    """Closes what a failed test left open, while the loop is still there."""
     OPENED.clear()
     yield
     for conn in OPENED:

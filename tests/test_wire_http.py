@@ -24,8 +24,8 @@ import orjson
 import pytest
 from tornado.httpclient import HTTPResponse
 
-from broker.config import Settings
 from broker.testing import WebSocketClient
+from tests.support import with_settings
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -68,23 +68,10 @@ ESSENTIAL = sorted(
 STATS_PATHS = ["/api/websocket/stats", "/ws/health"]
 
 
-@pytest.fixture
-def settings(request) -> Settings:
-    """The conftest default, or what a test asked for with `with_settings`."""
-    return getattr(request, "param", Settings())
 
 
-@pytest.fixture(autouse=True)
-def _app(app):
-    """Name the app statically: `http_server` looks it up by name at run time,
-    which hides `settings` from the parametrization `with_settings` does."""
-    return app
 
 
-def with_settings(**changes: Any) -> pytest.MarkDecorator:
-    """Run the test against an app built with these settings changed."""
-    label = ",".join(f"{key}={value!r}" for key, value in changes.items())
-    return pytest.mark.parametrize("settings", [Settings().replace(**changes)], ids=[label], indirect=True)
 
 
 # --------------------------------------------------------------------------

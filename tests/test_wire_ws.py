@@ -16,8 +16,8 @@ import orjson
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from broker.config import Settings
 from broker.testing import WebSocketClient
+from tests.support import with_settings
 
 JSON = {"Content-Type": "application/json"}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -51,15 +51,8 @@ ONE_OF_EACH = [
 ]
 
 
-@pytest.fixture
-def settings(request) -> Settings:
-    """The conftest default, or what `with_settings` asks for."""
-    return getattr(request, "param", Settings())
 
 
-def with_settings(**changes: Any) -> pytest.MarkDecorator:
-    """Run one test against an application built with these settings."""
-    return pytest.mark.parametrize("settings", [Settings().replace(**changes)], ids=["settings"], indirect=True)
 
 
 # -- helpers -------------------------------------------------------------------
