@@ -22,6 +22,7 @@ from pykka import ActorDeadError
 from actors.clock import iso_timestamp
 from actors.filters import FilterError
 from actors.history import MemoryHistory
+from actors.ids import new_event_id
 from actors.messages import (
     Attach,
     BroadcastFrame,
@@ -293,7 +294,7 @@ class SessionActor(LoopActor):
 
     def _event(self, etype: str, **fields: Any) -> dict[str, Any]:
         """An event the session itself emits (queries), shaped like a published one."""
-        event_id = "ev-" + uuid.uuid4().hex
+        event_id = new_event_id()
         correlation_id = fields.pop("correlation_id", event_id)
         return {
             "type": etype,

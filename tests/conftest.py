@@ -37,7 +37,7 @@ def broker(io_loop, settings):
     for ref in reversed(ActorRegistry.get_all()):
         if getattr(ref.actor_inbox, "dispatcher", None) is dispatcher and ref.is_alive():
             ref.stop(block=False)
-    io_loop.run_sync(lambda: asyncio.sleep(0))
+    io_loop.run_sync(lambda: asyncio.sleep(0))  # noqa: sleep - one loop turn so the stops run
     install_dispatcher(previous)
 
 
