@@ -156,6 +156,15 @@ class TokenExpiry:
     """Timer: the connection's token may have expired."""
 
 
+class FollowSettings:
+    """The broker's settings were reloaded: apply what applies to a live session."""
+
+    __slots__ = ()
+
+
+FOLLOW_SETTINGS = FollowSettings()
+
+
 class Flushed:
     """The transport took the previous write."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -33,6 +34,7 @@ from actors.messages import (
     Detach,
     ExpiryCheck,
     FlushHeld,
+    FollowSettings,
     Frame,
     Publish,
     QueryEvent,
@@ -146,30 +148,10 @@ class SessionActor(LoopActor):
     def on_receive(self, message: Any) -> Any:
         if self.closing:
             return self._forward(message)
-        cls = message.__class__
-        if cls is Publish:
-            return self.publish(message.events)
-        if cls is Attach:
-            return self.attach(message)
-        if cls is Detach:
-            return self.detach(message.connection_id)
-        if cls is ChangeFilter:
-            return self.change_filter(message)
-        if cls is FlushHeld:
-            return self.flush_held(message.task_id)
-        if cls is ExpiryCheck:
-            return self.check_expiry()
-        if cls is QueryEvent:
-            return self.query_event(message)
-        if cls is StartQuery:
-            return self.start_query(message)
-        if cls is BroadcastFrame:
-            return self.broadcast(message.frame)
-        if cls is DescribeSession:
-            return self.describe()
-        if cls is CloseSession:
-            return self.close()
-        return super().on_receive(message)
+        handle = _HANDLERS.get(message.__class__)
+        if handle is None:
+            return super().on_receive(message)
+        return handle(self, message)
 
     def _forward(self, message: Any) -> Any:
         """After expiry, what still arrives belongs to the session's next life."""
@@ -562,3 +544,20 @@ class SessionActor(LoopActor):
             self._end()
         else:
             self._arm_expiry()
+
+
+#: What the session does with each message it takes, by message class.
+_HANDLERS: dict[type, Callable[[SessionActor, Any], Any]] = {
+    Publish: lambda session, m: session.publish(m.events),
+    Attach: SessionActor.attach,
+    Detach: lambda session, m: session.detach(m.connection_id),
+    ChangeFilter: SessionActor.change_filter,
+    FlushHeld: lambda session, m: session.flush_held(m.task_id),
+    ExpiryCheck: lambda session, _: session.check_expiry(),
+    QueryEvent: SessionActor.query_event,
+    FollowSettings: lambda session, _: session._follow_settings(),  # noqa: SLF001
+    StartQuery: SessionActor.start_query,
+    BroadcastFrame: lambda session, m: session.broadcast(m.frame),
+    DescribeSession: lambda session, _: session.describe(),
+    CloseSession: lambda session, _: session.close(),
+}

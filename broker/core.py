@@ -8,6 +8,7 @@ Everything here runs on the dispatcher (IOLoop) thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import pykka
 from actors.connection import ConnectionActor
 from actors.directory import SessionDirectory
 from actors.messages import (
+    FOLLOW_SETTINGS,
     Attach,
     BroadcastFrame,
     CloseSession,
@@ -72,7 +74,11 @@ class Broker:
 
     @settings.setter
     def settings(self, value: Settings) -> None:
+        """New settings (a SIGHUP reload): every session follows them now, idle ones too."""
         self.directory.settings = value
+        for ref in self.directory.refs():
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(FOLLOW_SETTINGS)
 
     # -- publishing -------------------------------------------------------
 
