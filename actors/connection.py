@@ -26,6 +26,7 @@ import structlog
 
 from actors.filters import FilterError, parse_event_list
 from actors.messages import (
+    FLUSH_NOW,
     FLUSHED,
     KEEPALIVE_CHECK,
     ChangeFilter,
@@ -34,6 +35,7 @@ from actors.messages import (
     DescribeConnection,
     Detach,
     Flushed,
+    FlushNow,
     Frame,
     KeepaliveCheck,
     Replay,
@@ -111,6 +113,7 @@ class ConnectionActor(LoopActor):
         self._keepalive_timer: Any = None
         self._next_ping = 0.0
         self._pong_due: float | None = None
+        self._write_scheduled = False
 
     @property
     def log(self) -> Any:
@@ -153,6 +156,8 @@ class ConnectionActor(LoopActor):
         cls = message.__class__
         if cls is Frame:
             return self.enqueue(message, live=True)
+        if cls is FlushNow:
+            return self.flush_now()
         if cls is Flushed:
             return self.flushed()
         if cls is ClientMessage:
@@ -180,9 +185,23 @@ class ConnectionActor(LoopActor):
         if live:
             self.queued_live_bytes += len(frame.data)
         if not self.inflight:
-            self._write_next()
+            if self.has_mail():
+                self._schedule_write()  # more frames may be right behind: one write for all
+            else:
+                self._write_next()
         elif self.queued_live_bytes + self.inflight_live_bytes > self.settings.max_queue_bytes:
             self._over_limit()
+
+    def _schedule_write(self) -> None:
+        """Write after the frames already in the mailbox are queued too: one write for all."""
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self.actor_ref.tell(FLUSH_NOW)
+
+    def flush_now(self) -> None:
+        self._write_scheduled = False
+        if not self.inflight:
+            self._write_next()
 
     def _push(self, item: Frame | _Replayed | CloseConnection) -> None:
         """Queue an item; the deque exists only while something waits (idle sockets are many)."""
@@ -197,7 +216,7 @@ class ConnectionActor(LoopActor):
         for frame in frames:
             self._push(_Replayed(frame))
         if not self.inflight:
-            self._write_next()
+            self._schedule_write()
 
     def _over_limit(self) -> None:
         limit = self.settings.max_queue_bytes
@@ -228,10 +247,21 @@ class ConnectionActor(LoopActor):
         self.queue = kept
 
     def _write_next(self) -> None:
-        """Hand the transport everything queued, up to WRITE_CHUNK bytes, in one write."""
+        """Write what is queued, a WRITE_CHUNK at a time, while the socket takes it at once.
+
+        A socket that takes a write at once (the usual case) needs no
+        round trip through on_flushed; one that does not is waited for,
+        which is what flow-controls replay and lets a slow client's queue
+        grow towards max_queue_bytes.
+        """
+        while self._write_chunk():
+            pass
+
+    def _write_chunk(self) -> bool:
+        """One write of up to WRITE_CHUNK bytes; True if the socket took it at once and more waits."""
         queue = self.queue
         if not queue or self.closed:
-            return
+            return False
         batch: list[Frame] = []
         size = 0
         live_bytes = 0
@@ -243,7 +273,7 @@ class ConnectionActor(LoopActor):
                     break  # close once what is before it is written
                 queue.popleft()
                 self._close_now(item.code, item.reason)
-                return
+                return False
             frame = item if cls is Frame else item.frame
             if batch and size + len(frame.data) > WRITE_CHUNK:
                 break
@@ -255,7 +285,7 @@ class ConnectionActor(LoopActor):
         if not queue:
             self.queue = None
         if not batch:
-            return
+            return False
         self.queued_live_bytes -= live_bytes
         self.inflight_live_bytes = live_bytes
         self.inflight = True
@@ -267,10 +297,16 @@ class ConnectionActor(LoopActor):
                 observe(now - frame.born)
         ref = self.actor_ref
         try:
-            self.transport.write(batch, lambda: _tell_flushed(ref))
+            taken = self.transport.write(batch, lambda: _tell_flushed(ref))
         except Exception:
             self.log.debug("write_failed", exc_info=True)
             self.transport_closed()
+            return False
+        if not taken:
+            return False
+        self.inflight = False
+        self.inflight_live_bytes = 0
+        return self.queue is not None
 
     def flushed(self) -> None:
         self.inflight = False

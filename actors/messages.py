@@ -156,6 +156,15 @@ class TokenExpiry:
     """Timer: the connection's token may have expired."""
 
 
+class FlushNow:
+    """A connection's own reminder to write what its turn queued, in one write."""
+
+    __slots__ = ()
+
+
+FLUSH_NOW = FlushNow()
+
+
 class FollowSettings:
     """The broker's settings were reloaded: apply what applies to a live session."""
 

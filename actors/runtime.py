@@ -634,6 +634,14 @@ class LoopActor(pykka.Actor):
         # (connection churn makes thousands of them). Late puts are rejected.
         inbox.actor = None
 
+    def has_mail(self) -> bool:
+        """Whether more messages wait in this actor's mailbox right now.
+
+        Lets an actor batch work across messages already queued (a connection
+        writes once for a burst of frames) without delaying a lone message.
+        """
+        return bool(self.actor_inbox.queue)  # type: ignore[attr-defined]
+
     def tell_later(self, delay: float, message: Any) -> TimerHandle:
         """Deliver `message` to this actor after `delay` seconds of its clock."""
         ref = self.actor_ref

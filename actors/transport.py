@@ -14,8 +14,12 @@ if TYPE_CHECKING:
 
 
 class Transport(Protocol):
-    def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> None:
+    def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> bool:
         """Send each frame's `data` as one text message, in order.
+
+        Return True if the socket took all of it at once; `on_flushed` is
+        then never called. Otherwise return False and call `on_flushed` once
+        it has.
 
         A transport may cache its encoding of a frame in `frame.wire`: the
         same Frame object goes to every connection that receives it.

@@ -257,14 +257,14 @@ class RecordingTransport:
         self._ponged = True
         self._pending: list[Callable[[], None]] = []
 
-    def write(self, frames: list[Any], on_flushed: Callable[[], None]) -> None:
+    def write(self, frames: list[Any], on_flushed: Callable[[], None]) -> bool:
         if self.fail_writes or self.closed is not None:
             raise ConnectionError("socket closed")
         self.writes.append([frame.data for frame in frames])
         if self.auto_flush:
-            on_flushed()
-        else:
-            self._pending.append(on_flushed)
+            return True  # taken at once, as a socket with room in its buffer does
+        self._pending.append(on_flushed)
+        return False
 
     def ping(self) -> None:
         self.pings += 1

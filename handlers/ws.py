@@ -253,7 +253,7 @@ class SocketTransport:
     def pong_received(self) -> bool:
         return self.ponged
 
-    def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> None:
+    def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> bool:
         connection = self.handler.ws_connection
         if connection is None or connection.is_closing():
             raise tornado.websocket.WebSocketClosedError()
@@ -264,6 +264,10 @@ class SocketTransport:
                 wire = frame.wire = websocket_frame(frame.data)
             wires.append(wire)
         future = connection.stream.write(wires[0] if len(wires) == 1 else b"".join(wires))
+        if future.done():  # the kernel took it all: no callback round trip
+            if not future.cancelled() and future.exception() is not None:
+                raise tornado.websocket.WebSocketClosedError()
+            return True
 
         def done(f: Any) -> None:
             if f.cancelled() or f.exception() is not None:
@@ -271,6 +275,7 @@ class SocketTransport:
             on_flushed()
 
         future.add_done_callback(done)
+        return False
 
     def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(StreamClosedError):
