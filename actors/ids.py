@@ -14,6 +14,11 @@ _PREFIX = secrets.token_hex(8)
 _counter = itertools.count(1)
 
 
+def new_request_id() -> str:
+    """An id for an HTTP request that did not bring its own X-Request-ID."""
+    return f"r-{_PREFIX}{next(_counter):012x}"
+
+
 def new_event_id() -> str:
     """An id for an event (event_id, correlation_id): `ev-` and hex digits."""
     return f"ev-{_PREFIX}{next(_counter):012x}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-import uuid
 from types import TracebackType
 from typing import Any
 
@@ -13,6 +12,7 @@ import orjson
 import structlog
 import tornado.web
 
+from actors.ids import new_request_id
 from broker.core import Broker
 from handlers.origins import origin_allowed
 
@@ -40,7 +40,7 @@ class RequestIdMixin:
         request_id: str | None = getattr(self, "request_id", None)
         if request_id is None:
             incoming = self.request.headers.get("X-Request-ID", "")
-            request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else "r-" + uuid.uuid4().hex[:16]
+            request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else new_request_id()
             self.request_id = request_id
             if bind_logs:
                 structlog.contextvars.bind_contextvars(request_id=request_id)

@@ -516,7 +516,7 @@ async def test_an_uncaught_error_is_a_json_500_logged_once_with_the_request_id(b
 
 async def test_a_request_id_that_is_not_an_id_is_replaced(http_server_client):
     response = await http_server_client.fetch("/api/websocket/stats", headers={"X-Request-ID": "a b\tc"})
-    assert re.fullmatch(r"r-[0-9a-f]{16}", response.headers["X-Request-ID"])
+    assert re.fullmatch(r"r-[0-9a-f]+", response.headers["X-Request-ID"])
 
 
 def test_watchdog_period_is_half_of_watchdog_usec():
