@@ -1,7 +1,8 @@
 """ConnectionActor: one socket's outbound side, and the first reader of its input.
 
-Outbound, it keeps one write in flight at a time: what arrives meanwhile
-waits in its queue and goes out together in the next write (coalescing).
+Outbound, a burst of frames already in its mailbox goes out in one write,
+and while the socket has not taken a write, what arrives meanwhile waits in
+its queue and goes out together in the next one (coalescing).
 Unsent bytes are the queue plus the write in flight; replayed history does
 not count. When live bytes pass `max_queue_bytes` the queue is compacted
 (a task_progress superseded by a newer one for the same task is dropped),

@@ -43,9 +43,6 @@ class SessionDirectory:
         if self._sessions.get(session_id) is ref:
             del self._sessions[session_id]
 
-    def session_ids(self) -> list[str]:
-        return list(self._sessions)
-
     def refs(self) -> list[ActorRef[Any]]:
         return list(self._sessions.values())
 

@@ -37,7 +37,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import pykka
 from pykka import ActorDeadError, ActorRef, ActorRegistry, messages
@@ -651,10 +651,6 @@ class LoopActor(pykka.Actor):
                 ref.tell(message)
 
         return self.clock.call_later(delay, fire)
-
-    @classmethod
-    def start(cls, *args: Any, **kwargs: Any) -> ActorRef[Self]:
-        return super().start(*args, **kwargs)
 
 
 def _schedule(inbox: _Inbox) -> None:

@@ -97,11 +97,6 @@ class ManualDispatcher(Dispatcher):
                 msg = f"actors did not settle within {max_turns} turns"
                 raise RuntimeError(msg)
 
-    def run_one_turn(self) -> int:
-        """Give each actor that is ready now one turn; for fairness tests."""
-        self._take_foreign()
-        return self.run_ready(max_turns=self.ready_count())
-
     def wait_for(self, future: LoopFuture, timeout: float | None) -> None:
         """Called by a blocking `get()` on the test thread: run until answered."""
         self.run_until_idle()
