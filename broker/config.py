@@ -80,6 +80,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_timeout: float = 30.0
+    gc_thaw_interval: float = 600.0
     presets: Mapping[str, frozenset[str]] = dataclasses.field(
         default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS))
     )
@@ -197,6 +198,7 @@ _SPECS: Mapping[str, _Spec] = MappingProxyType({
     "log_level": _Spec("str", choices=LOG_LEVELS),
     "log_format": _Spec("str", choices=("json", "console", "auto")),
     "shutdown_timeout": _FLOAT_POSITIVE,
+    "gc_thaw_interval": _FLOAT_NON_NEGATIVE,  # 0 disables
     "presets": _Spec("presets"),
 })
 

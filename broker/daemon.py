@@ -46,7 +46,7 @@ from actors.session import SessionActor, control_frame
 from broker.app import SERVER_MAX_BODY, make_app
 from broker.config import ConfigError, Settings, changed_keys, diff_for_reload, load_settings
 from broker.core import Broker
-from broker.gc_tuning import THAW_INTERVAL, GcPauses, freeze_startup
+from broker.gc_tuning import THAW_CHECK_INTERVAL, GcPauses, freeze_startup
 from broker.logs import configure_logging, set_level
 from broker.sdnotify import SdNotifier, watchdog_period
 
@@ -367,7 +367,7 @@ class Daemon:
             self._periodic.append(PeriodicCallback(self.notifier.watchdog, self.watchdog_period * 1000))
         if self.notifier.enabled:
             self._periodic.append(PeriodicCallback(self._send_status, STATUS_INTERVAL * 1000))
-        self._periodic.append(PeriodicCallback(GcPauses.thaw, THAW_INTERVAL * 1000))
+        self._periodic.append(PeriodicCallback(self._thaw_when_due, THAW_CHECK_INTERVAL * 1000))
         for callback in self._periodic:
             callback.start()
 
@@ -375,6 +375,11 @@ class Daemon:
         for callback in self._periodic:
             callback.stop()
         self._periodic.clear()
+
+    def _thaw_when_due(self) -> None:
+        broker = self.broker
+        if broker is not None and broker.gc_pauses is not None:
+            broker.gc_pauses.thaw_when_due(broker.settings.gc_thaw_interval, time.monotonic())
 
     def _send_status(self) -> None:
         self.notifier.status(self.status_line())

@@ -25,10 +25,9 @@ from actors.stats import LatencyHistogram
 
 log = structlog.get_logger("actor_broker.gc")
 
-#: Seconds between thaws of frozen survivors (see GcPauses): how long a cycle
-#: among long-lived objects may wait to be collected, and how often one full
-#: collection walks everything.
-THAW_INTERVAL = 600.0
+#: Seconds between checks whether a thaw is due (the interval itself is the
+#: `gc_thaw_interval` setting, read at each check so that a reload applies).
+THAW_CHECK_INTERVAL = 5.0
 
 #: A collection at least this long is logged: it stalled every client that long.
 LONG_PAUSE = 0.02
@@ -37,36 +36,60 @@ LONG_PAUSE = 0.02
 class GcPauses:
     """Collection pauses by generation, measured through gc.callbacks.
 
-    With `freeze_survivors`, whatever survives a full collection is frozen
-    right after it: survivors are long-lived by definition (connections,
-    sessions, their histories), and the next full collection then walks only
-    what was promoted since, not the whole process again. Cycles among frozen
-    objects are not collected until `thaw()`, which the daemon calls every
-    THAW_INTERVAL seconds: the one full collection after it walks everything,
-    reclaims such cycles, and its survivors are frozen again.
+    With `freeze_survivors`, whatever survives a collection of the middle or
+    the oldest generation is frozen right after it. An object that lived
+    through two young collections is long-lived in this process (a
+    connection's Tornado objects and actor, a session, its history frames):
+    freezing it means no later collection walks it again, so the oldest
+    generation stays nearly empty and a full collection costs about what a
+    young one does. Without this, a full collection walks every connection
+    promoted since the last one: 1 000 connections opening at once put about
+    150 000 objects there, and the full collection that follows, whenever
+    the counts trigger it, stalls every client for 20-30 ms (bench/README.md).
+
+    Freezing costs no memory for objects freed by reference counting (they
+    are freed as usual, frozen or not); a connection's or a request's objects
+    form no cycles (tests/test_gc_tuning.py). Only cyclic garbage among
+    frozen objects waits, for `thaw()`, which the daemon calls every
+    `gc_thaw_interval` seconds (`thaw_when_due`): it unfreezes everything and
+    collects it at once, and the survivors are frozen again. That one
+    collection walks every connection: 30-50 µs each, so 250 ms for 5 000
+    connections, once per interval instead of at random moments.
     """
 
     def __init__(self, *, freeze_survivors: bool = False) -> None:
         self.by_generation = [LatencyHistogram(), LatencyHistogram(), LatencyHistogram()]
         self.freeze_survivors = freeze_survivors
         self._started = 0.0
+        self._thawed_at = time.monotonic()
 
     @staticmethod
     def thaw() -> None:
+        """Walk everything once: collect cycles among frozen objects (then refreeze the rest)."""
         gc.unfreeze()
+        gc.collect()
+
+    def thaw_when_due(self, interval: float, now: float) -> bool:
+        """Thaw if `interval` seconds (0: never) have passed since the last thaw; whether it did."""
+        if interval <= 0 or now - self._thawed_at < interval:
+            return False
+        self._thawed_at = now
+        started = time.perf_counter()
+        self.thaw()
+        log.info("gc_thawed", seconds=round(time.perf_counter() - started, 4), frozen_objects=gc.get_freeze_count())
+        return True
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
             return
         pause = time.perf_counter() - self._started
-        self.by_generation[info["generation"]].observe(pause)
-        if self.freeze_survivors and info["generation"] == 2:
+        generation = info["generation"]
+        self.by_generation[generation].observe(pause)
+        if self.freeze_survivors and generation >= 1:
             gc.freeze()
         if pause >= LONG_PAUSE:
-            log.warning(
-                "gc_pause", generation=info["generation"], seconds=round(pause, 4), collected=info["collected"]
-            )
+            log.warning("gc_pause", generation=generation, seconds=round(pause, 4), collected=info["collected"])
 
     def install(self) -> GcPauses:
         if self not in gc.callbacks:
