@@ -76,6 +76,34 @@ class _Replayed:
 
 
 class ConnectionActor(LoopActor):
+    # One per client: slots instead of a 30-key instance dict save ~1.3 KiB each.
+    __slots__ = (
+        "_bucket",
+        "_bucket_at",
+        "_expiry_timer",
+        "_keepalive_timer",
+        "_next_ping",
+        "_pong_due",
+        "_refresh",
+        "_settings_source",
+        "_write_scheduled",
+        "acked_seq",
+        "closed",
+        "connection_id",
+        "errors",
+        "expires_at",
+        "inflight",
+        "inflight_live_bytes",
+        "last_write",
+        "queue",
+        "queued_live_bytes",
+        "session",
+        "session_id",
+        "stats",
+        "transport",
+        "user_id",
+    )
+
     def __init__(
         self,
         connection_id: str,

@@ -510,6 +510,9 @@ def _reject(item: Any, actor: LoopActor | None) -> None:
 class LoopActorRef(ActorRef[Any]):
     """`pykka.ActorRef` with a shorter `tell` path (no Envelope for tells)."""
 
+    # pykka.ActorRef's own attributes, in slots: one ref per actor, 100 000 actors.
+    __slots__ = ("_actor_weakref", "actor_class", "actor_inbox", "actor_stopped", "actor_urn")
+
     def tell(self, message: Any) -> None:
         if self.actor_stopped._set:  # type: ignore[attr-defined]  # noqa: SLF001
             msg = f"{self} not found"
@@ -542,6 +545,9 @@ class LoopActor(pykka.Actor):
     message)` delivers `message` to this actor after `delay` seconds (not if
     it has stopped by then).
     """
+
+    # What every actor has, in slots rather than in its instance dict.
+    __slots__ = ("_actor_ref", "_stopped", "actor_inbox", "actor_stopped", "actor_urn", "dispatcher")
 
     _stopped: _StoppedFlag
 

@@ -549,7 +549,7 @@ async def round_fanout(server: Server, n: int, profile_dir: str | None) -> Round
     return r
 
 
-async def round_latency(server: Server, n: int) -> Round:
+async def round_latency(server: Server, n: int, profile_dir: str | None) -> Round:
     p = LATENCY
     sessions = [f"lat-r{n}-s{i}" for i in range(p["sessions"])]
     per_session = p["clients"] // p["sessions"]
@@ -564,6 +564,7 @@ async def round_latency(server: Server, n: int) -> Round:
         },
     )
     r = Round()
+    spy = start_py_spy(server, profile_dir, f"latency-r{n}") if profile_dir else None
     try:
         await asyncio.sleep(0.5)
         window = CpuWindow({"server": server.pid, "loadgen": lg.pid})
@@ -572,6 +573,8 @@ async def round_latency(server: Server, n: int) -> Round:
         res = await lg.expect("results", timeout=120)
         r.cpu = window.stop()
     finally:
+        if spy is not None:
+            stop_py_spy(spy)
         await lg.close()
     check_loadgen_results(r, res, published)
     lat = res["latency"]
@@ -808,7 +811,7 @@ async def run_scenario(name: str, rounds: int, logdir: str, profile_dir: str | N
                 if name == "fanout":
                     r = await round_fanout(server, n, profile_dir)
                 elif name == "latency":
-                    r = await round_latency(server, n)
+                    r = await round_latency(server, n, profile_dir)
                 elif name == "idle":
                     r = await round_idle(server, n)
                 else:
@@ -923,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const=os.path.join(tempfile.gettempdir(), "actor-broker-profiles"),
         metavar="DIR",
-        help="record actor-broker with py-spy during fanout rounds (default DIR: %(const)s)",
+        help="record actor-broker with py-spy during fanout and latency rounds (default DIR: %(const)s)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every round's raw results here")
     args = parser.parse_args(argv)
