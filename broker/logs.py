@@ -25,6 +25,9 @@ __all__ = ["LEVELS", "configure_logging", "log_request", "set_level"]
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 access_log = structlog.get_logger("actor_broker.access")
+#: The stdlib logger behind `access_log`: its level check is cached, and asking
+#: it first spares a request whose line would be dropped the work of making one.
+_access_level_check = logging.getLogger("actor_broker.access")
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
@@ -90,14 +93,16 @@ def log_request(handler: Any) -> None:
     string: WebSocket tokens travel there.
     """
     status = handler.get_status()
+    if status < 400:
+        level, emit = logging.INFO, access_log.info
+    elif status < 500:
+        level, emit = logging.WARNING, access_log.warning
+    else:
+        level, emit = logging.ERROR, access_log.error
+    if not _access_level_check.isEnabledFor(level):
+        return
     request = handler.request
     request_id = getattr(handler, "request_id", None) or request.headers.get("X-Request-ID") or None
-    if status < 400:
-        emit = access_log.info
-    elif status < 500:
-        emit = access_log.warning
-    else:
-        emit = access_log.error
     emit(
         "http_request",
         status=status,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import re
@@ -172,7 +173,9 @@ class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
         self.fail(status, error)
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_loopback(address: str | None) -> bool:
+    """Cached: parsing the address is measurable on the publish path, and publishers are few."""
     if not address:
         return False
     try:
