@@ -137,6 +137,8 @@ class Dispatcher:
         self.thread_id = threading.get_ident()
         self._ready: deque[_Inbox] = deque()
         self._run_requested = False
+        #: drained mailbox deques for reuse, on this dispatcher's thread only (SPARE_QUEUES_MAX)
+        self.spare_queues: list[deque[Any]] = []
 
     # -- called by inboxes ------------------------------------------------
 
@@ -412,11 +414,20 @@ _START = _Start()
 _SPECIAL_ITEMS = frozenset({Envelope, _Start, *_PYKKA_MESSAGES})
 
 
+#: Empty mailbox deques a dispatcher keeps for the next inbox that gets mail
+#: (Dispatcher.spare_queues). A drained inbox gives its deque back instead of
+#: freeing it: an actor that gets one message at a time (the usual case)
+#: would otherwise allocate and free a ~600-byte deque per message. Bounded,
+#: so idle actors still hold none.
+SPARE_QUEUES_MAX = 1024
+
+
 class _Inbox:
     """An actor's mailbox. Holds plain messages (tell) and Envelopes (ask).
 
     The deque exists only while mail waits: most actors are idle most of the
-    time, and an empty deque costs ~600 bytes per actor.
+    time, and an empty deque costs ~600 bytes per actor. Drained deques are
+    reused (SPARE_QUEUES_MAX).
     """
 
     __slots__ = ("actor", "dispatcher", "queue", "scheduled")
@@ -453,7 +464,8 @@ class _Inbox:
             return
         queue = self.queue
         if queue is None:
-            queue = self.queue = deque()
+            spare = self.dispatcher.spare_queues
+            queue = self.queue = spare.pop() if spare else deque()
         queue.append(item)
         if not self.scheduled:
             self.scheduled = True
@@ -490,6 +502,9 @@ class _Inbox:
             return True
         self.scheduled = False
         self.queue = None
+        spare = self.dispatcher.spare_queues
+        if len(spare) < SPARE_QUEUES_MAX:
+            spare.append(queue)
         return False
 
     def __len__(self) -> int:
@@ -526,7 +541,8 @@ class LoopActorRef(ActorRef[Any]):
         # The hot path of every delivery: _Inbox._put_local inlined.
         queue = inbox.queue
         if queue is None:
-            queue = inbox.queue = deque()
+            spare = inbox.dispatcher.spare_queues
+            queue = inbox.queue = spare.pop() if spare else deque()
         queue.append(message)
         if not inbox.scheduled:
             inbox.scheduled = True

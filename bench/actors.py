@@ -9,7 +9,8 @@ the actors alive, and for the loop runtime the time to start and to stop
 all N actors (linear in N if registering and unregistering are O(1)).
 
 Every row runs in a fresh subprocess so RSS figures do not leak from one
-row into the next.
+row into the next, `--repeat` times (default 3); the row shows the run with
+the median deliveries/s; the rows take turns.
 """
 
 from __future__ import annotations
@@ -153,9 +154,39 @@ def child(runtime: str, n: int, m: int) -> None:
     print(json.dumps(result))
 
 
+def run_child(runtime: str, n: int, m: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", runtime, str(n), str(m)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def median_runs(rows: list[tuple[str, int, int]], repeat: int) -> list[dict[str, Any]]:
+    """Per row, the run with the median deliveries/s out of `repeat`.
+
+    The rows take turns (all rows, then all rows again): on a shared machine,
+    neighbours slow the CPU by a third or more for seconds at a time, and
+    taking turns spreads that over both runtimes instead of one.
+    """
+    runs: list[list[dict[str, Any]]] = [[] for _ in rows]
+    for _ in range(repeat):
+        for i, (runtime, n, m) in enumerate(rows):
+            runs[i].append(run_child(runtime, n, m))
+    return [sorted(r, key=lambda run: run["deliveries_per_s"])[len(r) // 2] for r in runs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per row, each in a fresh process; the row shows their median (default: %(default)s)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("RUNTIME", "N", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -169,16 +200,8 @@ def main() -> None:
     header = f"{'runtime':<10} {'actors':>8} {'deliveries/s':>14} {'RSS MB':>8} {'start s':>8} {'stop s':>8}"
     print(header)
     print("-" * len(header))
-    results = []
-    for runtime, n, m in rows:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", runtime, str(n), str(m)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        results.append(r)
+    results = median_runs(rows, max(1, args.repeat))
+    for (_runtime, n, _m), r in zip(rows, results, strict=True):
         start = f"{r['start_s']:.2f}" if "start_s" in r else "-"
         stop = f"{r['stop_s']:.2f}" if "stop_s" in r else "-"
         print(f"{r['runtime']:<10} {n:>8,} {r['deliveries_per_s']:>14,.0f} {r['rss_mb']:>8.1f} {start:>8} {stop:>8}")
