@@ -269,3 +269,33 @@ def test_no_dispatcher_is_a_clear_error():
             Recorder.start()
     finally:
         install_dispatcher(previous)
+
+
+def test_drained_mailboxes_are_reused_and_the_spares_are_bounded():
+    from actors.runtime import SPARE_QUEUES_MAX
+    from broker.testing import ActorHarness
+
+    with ActorHarness() as harness:
+        spares = harness.dispatcher.spare_queues
+        a, b = Recorder.start(), Recorder.start()
+        harness.run_until_idle()
+        a.tell("one")
+        harness.run_until_idle()
+        assert a.actor_inbox.queue is None, "an idle actor holds no deque"
+        spare = spares[-1]
+        b.tell("two")
+        assert b.actor_inbox.queue is spare, "the next mail reuses the drained deque"
+        harness.run_until_idle()
+        assert b._actor_weakref().log == [("", "two")]
+
+        many = [Recorder.start() for _ in range(SPARE_QUEUES_MAX + 50)]
+        harness.run_until_idle()
+        for ref in many:
+            ref.tell("x")
+        harness.run_until_idle()
+        assert len(spares) == SPARE_QUEUES_MAX
+        assert all(len(q) == 0 for q in spares)
+        assert all(ref.actor_inbox.queue is None for ref in many)
+        for ref in [a, b, *many]:
+            ref.stop(block=False)
+        harness.run_until_idle()
