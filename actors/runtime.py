@@ -329,8 +329,8 @@ class LoopFuture(pykka.Future[Any]):
         if waiters:
             running = asyncio.events._get_running_loop()  # noqa: SLF001 - the cheap, non-raising lookup
             for loop, waiter in waiters:
-                if loop is running:  # same thread: no self-pipe wake-up needed
-                    loop.call_soon(_wake, waiter)
+                if loop is running:  # same thread: set it now (its awaiter resumes in a later callback)
+                    _wake(waiter)
                 else:
                     loop.call_soon_threadsafe(_wake, waiter)
 
