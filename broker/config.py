@@ -398,6 +398,13 @@ def _build(values: Mapping[str, Any]) -> Settings:
         )
     if settings.backend == "redis" and not settings.redis_url:
         raise ConfigError('configuration: redis_url: expected a redis:// URL, required when backend is "redis"')
+    if settings.backend == "redis":
+        # Accepting it would start a single-node broker that only looks shared:
+        # events published to one daemon would never reach another's clients.
+        raise ConfigError(
+            'configuration: backend: "redis" is not available in this version '
+            '(sessions and history live in memory, in one process); use "memory"'
+        )
     return settings
 
 

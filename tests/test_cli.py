@@ -93,6 +93,11 @@ def test_serve_with_a_bad_file_exits_2_at_once(tmp_path):
     assert_one_error_line(run("serve", "--config", str(path), timeout=30), "shutdown_timeout")
 
 
+def test_serve_refuses_the_redis_backend_it_does_not_have():
+    env = clean_env(BROKER_BACKEND="redis", BROKER_REDIS_URL="redis://127.0.0.1:6379/0")
+    assert_one_error_line(run("serve", "--port", "0", env=env, timeout=30), "backend", "not available")
+
+
 def test_serve_with_a_bad_broker_config_exits_2(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[presets]\nall = []\n")

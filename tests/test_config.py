@@ -396,8 +396,13 @@ def test_http_query_backend_needs_an_upstream(write):
 
 def test_redis_backend_needs_a_url(write):
     assert "redis_url" in load_error(write('backend = "redis"\n'))
-    both = load_settings(write('backend = "redis"\n'), env={"BROKER_REDIS_URL": "redis://cache:6379/0"})
-    assert both.redis_url == "redis://cache:6379/0"
+
+
+def test_redis_backend_is_refused_until_it_exists(write):
+    """A daemon that silently kept history in memory would look shared and not be."""
+    error = load_error(write('backend = "redis"\n'), env={"BROKER_REDIS_URL": "redis://cache:6379/0"})
+    assert error.startswith("configuration: backend:") and "not available" in error
+    assert load_settings(write('redis_url = "redis://cache:6379/0"\n'), env={}).redis_url == "redis://cache:6379/0"
 
 
 def test_secrets_are_not_echoed(write):
