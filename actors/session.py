@@ -406,6 +406,8 @@ class SessionActor(LoopActor):
                     request.connection,
                     CloseConnection(1008, "last_seq is beyond the session's newest seq", immediately=True),
                 )
+                if self._untouched():
+                    self._end()  # made for this refused handshake: leave nothing behind
                 return
             else:
                 if request.last_seq + 1 < history.first_seq:
@@ -517,6 +519,10 @@ class SessionActor(LoopActor):
         self.members.clear()
         self._end()
         return True
+
+    def _untouched(self) -> bool:
+        """Nothing ever happened here: no event, no connection, no query."""
+        return not self.members and not self.accepted and self.history.last_seq == 0 and self.query is None
 
     def _end(self) -> None:
         self._abandon_query()

@@ -131,6 +131,23 @@ def test_last_seq_beyond_newest_closes_1008_before_any_data(world):
     assert client.closed is not None and client.closed[0] == 1008
 
 
+def test_a_session_made_only_for_a_refused_handshake_does_not_stay(world):
+    _, client = world.connect("fresh", last_seq=3)
+    assert client.closed is not None and client.closed[0] == 1008
+    world.h.run_until_idle()
+    assert world.broker.directory.get("fresh") is None
+    assert world.broker.stats_snapshot()["active_sessions"] == 0
+    _, again = world.connect("fresh", last_seq=0)
+    assert again.types() == ["connected"], "the session id is free to use"
+
+
+def test_a_refused_handshake_leaves_a_session_that_had_events_alone(world):
+    world.publish("s", {"type": "session_started"})
+    world.connect("s", last_seq=9)
+    world.h.run_until_idle()
+    assert world.describe("s")["buffered_messages"] == 1
+
+
 def test_last_seq_beyond_newest_with_another_epoch_follows_the_epoch_rule(world):
     world.publish("s", {"type": "session_started"})
     _, client = world.connect("s", last_seq=50, epoch="e-old")
