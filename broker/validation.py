@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -34,6 +35,7 @@ __all__ = [
     "iso_timestamp",
     "nesting_problems",
     "normalize_events",
+    "normalize_timestamp",
     "parse_body",
 ]
 
@@ -382,9 +384,31 @@ def _session_problems(item: Mapping[str, Any], path_session: str | None) -> list
 def _envelope_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Optional envelope fields: absent is fine (they are generated), wrong is not."""
     problems = [(name, error) for name in _ID_FIELDS if name in item and (error := _id(item[name]))]
-    if "timestamp" in item and not isinstance(item["timestamp"], str):
-        problems.append(("timestamp", "must be a string"))
+    if "timestamp" in item:
+        value = item["timestamp"]
+        if not isinstance(value, str):
+            problems.append(("timestamp", "must be a string"))
+        elif normalize_timestamp(value) is None:
+            problems.append(("timestamp", "must be an ISO 8601 date and time, e.g. 2025-10-25T12:34:56.123Z"))
     return problems
+
+
+def normalize_timestamp(text: str) -> str | None:
+    """A publisher's ISO 8601 time in the protocol's form (UTC, milliseconds, `Z`), or None.
+
+    Subscribers parse one format, whatever each publisher's clock library
+    writes (`+00:00`, `+02:00`, microseconds, no fraction). A time without an
+    offset is taken as UTC. Milliseconds are truncated, as for the broker's
+    own timestamps.
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def _payload_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -447,6 +471,8 @@ def _complete(
         event["correlation_id"] = make_id()
     if "timestamp" not in event:
         event["timestamp"] = stamp
+    else:
+        event["timestamp"] = normalize_timestamp(event["timestamp"])
     if "session_id" not in event:
         event["session_id"] = path_session
     return event

@@ -24,6 +24,7 @@ from broker.validation import (
     ValidationFailed,
     iso_timestamp,
     normalize_events,
+    normalize_timestamp,
     parse_body,
 )
 
@@ -271,6 +272,37 @@ def test_timestamp_must_be_a_string(value: Any) -> None:
     assert fields_at(details([event(timestamp=value)])) == [(0, "timestamp")]
 
 
+@pytest.mark.parametrize("value", ["", "yesterday", "2025-13-01T00:00:00Z", "12:34:56", "2025-10-25T25:00:00Z"])
+def test_timestamp_must_be_iso_8601(value: str) -> None:
+    [problem] = details([event(timestamp=value)])
+    assert (problem["field"], problem["error"]) == (
+        "timestamp",
+        "must be an ISO 8601 date and time, e.g. 2025-10-25T12:34:56.123Z",
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "delivered"),
+    [
+        ("2025-10-25T12:34:56.123Z", "2025-10-25T12:34:56.123Z"),
+        ("2025-10-25T12:34:56Z", "2025-10-25T12:34:56.000Z"),
+        ("2025-10-25T12:34:56.123456+00:00", "2025-10-25T12:34:56.123Z"),  # Python's isoformat()
+        ("2025-10-25T14:34:56.999999+02:00", "2025-10-25T12:34:56.999Z"),  # truncated, not rounded
+        ("2025-10-25T12:34:56", "2025-10-25T12:34:56.000Z"),  # no offset: UTC
+        ("2025-10-25", "2025-10-25T00:00:00.000Z"),
+        ("2025-01-01T00:30:00-01:00", "2025-01-01T01:30:00.000Z"),
+    ],
+)
+def test_given_timestamps_are_delivered_in_the_protocol_form(given: str, delivered: str) -> None:
+    [out] = normalize([event(timestamp=given)], new_id=counter())
+    assert out["timestamp"] == delivered == normalize_timestamp(given)
+
+
+def test_a_timestamp_that_leaves_the_calendar_in_utc_is_refused() -> None:
+    assert normalize_timestamp("0001-01-01T00:00:00+01:00") is None
+    assert fields_at(details([event(timestamp="9999-12-31T23:59:59-01:00")])) == [(0, "timestamp")]
+
+
 @pytest.mark.parametrize("reserved", ["seq", "epoch"])
 def test_reserved_payload_fields_rejected(reserved: str) -> None:
     assert fields_at(details([event(**{reserved: 1})])) == [(0, reserved)]
@@ -340,7 +372,7 @@ def test_injected_id_generator_and_clock() -> None:
 
 
 def test_given_envelope_fields_kept() -> None:
-    given = {"event_id": "e-42", "correlation_id": "c-7", "timestamp": "not checked, kept"}
+    given = {"event_id": "e-42", "correlation_id": "c-7", "timestamp": "2025-10-25T12:34:56.123Z"}
     [out] = normalize([event(**given)], new_id=counter())
     assert {k: out[k] for k in given} == given
 

@@ -351,6 +351,24 @@ async def test_event_id_correlation_id_and_timestamp_are_kept_when_given(http_se
     assert {name: message[name] for name in given} == given
 
 
+async def test_a_given_timestamp_reaches_clients_in_the_protocol_form(http_server_client, connect):
+    client, _ = await connect("s1")
+    await publish(http_server_client, "s1", {"type": "session_started", "timestamp": "2025-10-25T14:34:56.5+02:00"})
+    message = await client.expect(type="session_started", seq=1)
+    assert message["timestamp"] == "2025-10-25T12:34:56.500Z"
+
+
+async def test_a_timestamp_that_is_not_iso_8601_is_422_and_publishes_nothing(http_server_client, connect):
+    client, _ = await connect("s1")
+    batch = [{"type": "session_started"}, {"type": "task_started", "task_id": "t", "timestamp": "last tuesday"}]
+    response = await post_events(http_server_client, "s1", batch)
+    assert response.code == 422
+    [detail] = json_of(response)["details"]
+    assert (detail["index"], detail["field"]) == (1, "timestamp")
+    await publish(http_server_client, "s1", {"type": "session_completed"})
+    assert (await client.expect(type="session_completed"))["seq"] == 1, "nothing of the bad batch was published"
+
+
 # --------------------------------------------------------------------------
 # 4. Throttling of task_progress, as seen in the answers
 #
