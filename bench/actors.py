@@ -9,7 +9,7 @@ the actors alive, and for the loop runtime the time to start and to stop
 all N actors (linear in N if registering and unregistering are O(1)).
 
 Every row runs in a fresh subprocess so RSS figures do not leak from one
-row into the next, `--repeat` times (default 3); the row shows the run with
+row into the next, `--repeat` times (default 5); the row shows the run with
 the median deliveries/s; the rows take turns.
 """
 
@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -164,18 +165,22 @@ def run_child(runtime: str, n: int, m: int) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def median_runs(rows: list[tuple[str, int, int]], repeat: int) -> list[dict[str, Any]]:
-    """Per row, the run with the median deliveries/s out of `repeat`.
+def all_runs(rows: list[tuple[str, int, int]], repeat: int) -> list[list[dict[str, Any]]]:
+    """Every row `repeat` times, the rows taking turns (all rows, then all rows again).
 
-    The rows take turns (all rows, then all rows again): on a shared machine,
-    neighbours slow the CPU by a third or more for seconds at a time, and
-    taking turns spreads that over both runtimes instead of one.
+    On a shared machine, neighbours slow the CPU by a third or more for
+    seconds at a time; taking turns spreads that over both runtimes, and
+    runs of the same turn can be compared with each other.
     """
     runs: list[list[dict[str, Any]]] = [[] for _ in rows]
     for _ in range(repeat):
         for i, (runtime, n, m) in enumerate(rows):
             runs[i].append(run_child(runtime, n, m))
-    return [sorted(r, key=lambda run: run["deliveries_per_s"])[len(r) // 2] for r in runs]
+    return runs
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(runs, key=lambda run: run["deliveries_per_s"])[len(runs) // 2]
 
 
 def main() -> None:
@@ -184,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--repeat",
         type=int,
-        default=3,
+        default=5,
         help="runs per row, each in a fresh process; the row shows their median (default: %(default)s)",
     )
     parser.add_argument("--child", nargs=3, metavar=("RUNTIME", "N", "M"), help=argparse.SUPPRESS)
@@ -200,15 +205,22 @@ def main() -> None:
     header = f"{'runtime':<10} {'actors':>8} {'deliveries/s':>14} {'RSS MB':>8} {'start s':>8} {'stop s':>8}"
     print(header)
     print("-" * len(header))
-    results = median_runs(rows, max(1, args.repeat))
+    runs = all_runs(rows, max(1, args.repeat))
+    results = [median_run(r) for r in runs]
     for (_runtime, n, _m), r in zip(rows, results, strict=True):
         start = f"{r['start_s']:.2f}" if "start_s" in r else "-"
         stop = f"{r['stop_s']:.2f}" if "stop_s" in r else "-"
         print(f"{r['runtime']:<10} {n:>8,} {r['deliveries_per_s']:>14,.0f} {r['rss_mb']:>8.1f} {start:>8} {stop:>8}")
-    loop1k = next((r for r in results if r["runtime"] == "loop" and r["actors"] == 1_000), None)
-    thr1k = next((r for r in results if r["runtime"] == "threading"), None)
+    loop1k = next((r for r in runs if r[0]["runtime"] == "loop" and r[0]["actors"] == 1_000), None)
+    thr1k = next((r for r in runs if r[0]["runtime"] == "threading"), None)
     if loop1k and thr1k:
-        print(f"loop / threading at 1 000 actors: {loop1k['deliveries_per_s'] / thr1k['deliveries_per_s']:.0f}x")
+        # Each turn's loop run against the same turn's threading run: the two
+        # ran seconds apart, under the same neighbours.
+        ratios = sorted(a["deliveries_per_s"] / b["deliveries_per_s"] for a, b in zip(loop1k, thr1k, strict=True))
+        print(
+            f"loop / threading at 1 000 actors: {statistics.median(ratios):.0f}x "
+            f"(median of {len(ratios)} turns; each turn: " + ", ".join(f"{x:.0f}x" for x in ratios) + ")"
+        )
 
 
 if __name__ == "__main__":
