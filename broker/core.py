@@ -67,6 +67,8 @@ class Broker:
         self.connection_counts: dict[str, int] = {}
         self.user_counts: dict[str, int] = {}
         self.open_connections = 0
+        #: tasks the broker started and must keep a reference to until they end
+        self._background: set[asyncio.Future[None]] = set()
 
     @property
     def settings(self) -> Settings:
@@ -140,6 +142,14 @@ class Broker:
         if not url:
             SimulatedResearch.start(session, session_id, query)
             return
+        # The client hears 201 at once and connects; how the research service
+        # took the start reaches it as an event (a slow service must not hold
+        # the answer for up to its 15 s timeout).
+        forward = asyncio.ensure_future(self._forward_research(url, session_id, query, user_id))
+        self._background.add(forward)
+        forward.add_done_callback(self._background.discard)
+
+    async def _forward_research(self, url: str, session_id: str, query: str, user_id: str | None) -> None:
         problem = await forward_to_upstream(url, session_id, query, user_id)
         if problem is not None:
             failed = {"type": "error", "session_id": session_id, "error": problem, "code": "research_upstream"}

@@ -53,9 +53,23 @@ class ResearchUpstream:
         self.port = 0
         self.requests: list[tuple[str, str | None, Any]] = []
         self.received = asyncio.Event()
+        self.release = asyncio.Event()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+
+class _StallingHandler(tornado.web.RequestHandler):
+    """Takes the start and answers only when the test releases it."""
+
+    def initialize(self, upstream: ResearchUpstream) -> None:
+        self.upstream = upstream
+
+    async def post(self) -> None:
+        self.upstream.received.set()
+        await self.upstream.release.wait()
+        self.set_status(202)
+        self.finish({"ok": True})
 
 
 class _StartHandler(tornado.web.RequestHandler):
@@ -81,11 +95,13 @@ def upstream(io_loop):
             [
                 (r"/start", _StartHandler, {"upstream": up, "status": 202}),
                 (r"/fail", _StartHandler, {"upstream": up, "status": 500}),
+                (r"/stall", _StallingHandler, {"upstream": up}),
             ]
         )
     )
     server.add_socket(sock)
     yield up
+    up.release.set()
     server.stop()
     io_loop.run_sync(server.close_all_connections, timeout=5)
 
@@ -264,6 +280,26 @@ async def test_a_research_upstream_receives_the_start_and_nothing_is_simulated(
     await broker.publish_events({"type": "plan_generated", "session_id": session_id, "plan": ["from upstream"]})
     (plan,) = await read_session_messages(client, 1)
     assert plan["seq"] == 2 and plan["plan"] == ["from upstream"]
+
+
+@upstream_at("/stall")
+async def test_a_slow_research_upstream_does_not_hold_the_answer(http_server_client, connect, upstream, broker):
+    code, body = await start(http_server_client, {"query": QUERY, "user_id": "u1"})
+    assert code == 201, body
+    await asyncio.wait_for(upstream.received.wait(), 5)
+    assert not upstream.release.is_set(), "answered while the upstream still holds the start"
+    client, hello = await connect(f"/ws/research/{body['session_id']}")
+    assert hello["last_seq"] == 1
+    upstream.release.set()
+    for _ in range(500):  # until the forward has its answer: one round trip per try, no sleeps
+        if not broker._background:
+            break
+        await http_server_client.fetch("/healthz")
+    assert not broker._background
+    await broker.publish_events({"type": "test.marker", "session_id": body["session_id"]})
+    (started, marker) = await read_session_messages(client, 2)
+    assert started["type"] == "session_started"
+    assert marker["type"] == "test.marker", "the upstream's answer added no error event"
 
 
 @upstream_at("/fail", "refused")
