@@ -30,10 +30,20 @@ class Node:
 
 @pytest.fixture
 def freezing():
+    """GcPauses installed, and only the test's own collections running.
+
+    Automatic collections are off meanwhile: one set off by another thread's
+    allocations (a thread an earlier test left winding down) would freeze
+    at a moment the test does not expect.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
     pauses = GcPauses(freeze_survivors=True).install()
     yield pauses
     pauses.uninstall()
     gc.unfreeze()
+    if was_enabled:
+        gc.enable()
 
 
 def test_survivors_of_a_middle_generation_collection_are_frozen(freezing):
