@@ -3,9 +3,9 @@
     python examples/embedded.py [--port 8051]
 
 An application that runs its own agents can host actor-broker in its
-process instead of POSTing to a daemon. It needs what `broker.daemon` does:
-install the actor dispatcher on the loop, create a `Broker`, serve
-`make_app(broker)`. Its orchestrator then publishes straight into the broker:
+process instead of POSTing to a daemon: `async with embedded_broker(...)`
+(`broker.embed`) serves it on the running loop, with the daemon's wire
+protocol. Its orchestrator then publishes straight into the broker:
 
 * `await broker.publish_events(...)` on the loop (validated; returns the seqs);
 * `broker.emit(...)` from any other thread (fire-and-forget; order kept per thread).
@@ -20,16 +20,11 @@ import asyncio
 import time
 
 import orjson
-from pykka import ActorRegistry
-from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from actors.runtime import LoopDispatcher, install_dispatcher
 from broker import events
-from broker.app import SERVER_MAX_BODY, make_app
-from broker.config import Settings
 from broker.core import Broker
+from broker.embed import embedded_broker
 from broker.logs import configure_logging
 
 SESSION = "embedded-demo"
@@ -79,22 +74,13 @@ async def client(connection: WebSocketClientConnection) -> int:
 
 async def main(port: int) -> None:
     configure_logging("warning")  # the broker's own log lines, warnings only
-    install_dispatcher(LoopDispatcher(IOLoop.current()))  # actors run on this loop
-    broker = Broker(Settings(host="127.0.0.1", port=port))
-    server = HTTPServer(make_app(broker), max_body_size=SERVER_MAX_BODY)
-    server.listen(port, "127.0.0.1")
-    broker.ready = True
-
-    # A client connected like any browser would be (a later one would get the history: replay=all).
-    connection = await websocket_connect(f"ws://127.0.0.1:{port}/ws/research/{SESSION}")
-    following = asyncio.create_task(client(connection))
-    await orchestrator(broker)
-    received = await asyncio.wait_for(following, 10)
-
-    connection.close()
-    server.stop()
-    for ref in reversed(ActorRegistry.get_all()):
-        ref.stop(block=False)
+    async with embedded_broker(host="127.0.0.1", port=port) as running:
+        # A client connected like any browser would be (a later one would get the history: replay=all).
+        connection = await websocket_connect(f"ws://127.0.0.1:{running.port}/ws/research/{SESSION}")
+        following = asyncio.create_task(client(connection))
+        await orchestrator(running.broker)
+        received = await asyncio.wait_for(following, 10)
+        connection.close()
     print(f"done: the client received {received} events")
 
 
