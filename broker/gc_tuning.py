@@ -10,7 +10,9 @@ tail latencies are mostly that). Two measures:
   measured too: it traded full collections for longer young ones, so the
   default thresholds stay.)
 * `GcPauses`: time every collection, per generation, into a histogram that
-  /metrics exports, so an operator can see pauses instead of guessing.
+  /metrics exports, so an operator can see pauses instead of guessing; and
+  (`freeze_survivors`) freeze what survives the older collections, with a
+  thaw every `gc_thaw_interval` seconds.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class GcPauses:
     generation stays nearly empty and a full collection costs about what a
     young one does. Without this, a full collection walks every connection
     promoted since the last one: 1 000 connections opening at once put about
-    150 000 objects there, and the full collection that follows, whenever
-    the counts trigger it, stalls every client for 20-30 ms (bench/README.md).
+    90 000 objects there, and the full collection that follows, whenever
+    the counts trigger it, stalls every client for 20-35 ms (README.md,
+    "Performance").
 
     Freezing costs no memory for objects freed by reference counting (they
     are freed as usual, frozen or not); a connection's or a request's objects
