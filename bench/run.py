@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -494,6 +495,14 @@ class Round:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+async def results_of(lg: Loadgen, published: Published, window: CpuWindow, r: Round, timeout: float) -> dict[str, Any]:
+    """Publishing is over: tell the load generator, take its results, close the CPU window."""
+    lg.send(cmd="finish", maxSeq=published.max_seq())
+    res = await lg.expect("results", timeout=timeout)
+    r.cpu = window.stop()
+    return res
+
+
 def check_loadgen_results(r: Round, res: dict[str, Any], published: Published) -> None:
     r.lost += res["lost"]
     r.dup += res["dup"]
@@ -524,21 +533,17 @@ async def round_fanout(server: Server, n: int, profile_dir: str | None) -> Round
     sessions = [f"fan-r{n}-s{i}" for i in range(p["sessions"])]
     lg = await open_clients(server, {"sessions": sessions, "perSession": p["clients"] // p["sessions"]})
     r = Round()
-    spy = start_py_spy(server, profile_dir, f"fanout-r{n}") if profile_dir else None
     try:
-        await asyncio.sleep(0.5)
-        window = CpuWindow({"server": server.pid, "loadgen": lg.pid})
-        t0 = now_ms()
-        published = await publish_batches(
-            server.port, sessions, p["events_per_session"], p["batch"], p["http_connections"]
-        )
-        t_published = now_ms()
-        lg.send(cmd="finish", maxSeq=published.max_seq())
-        res = await lg.expect("results", timeout=600)
-        r.cpu = window.stop()
+        with profiled(server, profile_dir, f"fanout-r{n}"):
+            await asyncio.sleep(0.5)
+            window = CpuWindow({"server": server.pid, "loadgen": lg.pid})
+            t0 = now_ms()
+            published = await publish_batches(
+                server.port, sessions, p["events_per_session"], p["batch"], p["http_connections"]
+            )
+            t_published = now_ms()
+            res = await results_of(lg, published, window, r, timeout=600)
     finally:
-        if spy is not None:
-            stop_py_spy(spy)
         await lg.close()
     check_loadgen_results(r, res, published)
     elapsed = max((res["lastRecv"] - t0) / 1000, 1e-3)
@@ -564,17 +569,13 @@ async def round_latency(server: Server, n: int, profile_dir: str | None) -> Roun
         },
     )
     r = Round()
-    spy = start_py_spy(server, profile_dir, f"latency-r{n}") if profile_dir else None
     try:
-        await asyncio.sleep(0.5)
-        window = CpuWindow({"server": server.pid, "loadgen": lg.pid})
-        published, pace = await publish_paced(server.port, sessions, event_rate, p["warmup_s"] + p["seconds"])
-        lg.send(cmd="finish", maxSeq=published.max_seq())
-        res = await lg.expect("results", timeout=120)
-        r.cpu = window.stop()
+        with profiled(server, profile_dir, f"latency-r{n}"):
+            await asyncio.sleep(0.5)
+            window = CpuWindow({"server": server.pid, "loadgen": lg.pid})
+            published, pace = await publish_paced(server.port, sessions, event_rate, p["warmup_s"] + p["seconds"])
+            res = await results_of(lg, published, window, r, timeout=120)
     finally:
-        if spy is not None:
-            stop_py_spy(spy)
         await lg.close()
     check_loadgen_results(r, res, published)
     lat = res["latency"]
@@ -621,9 +622,7 @@ async def round_idle(server: Server, n: int) -> Round:
         # now one event per session: each of the idle clients must get it exactly once
         window = CpuWindow({"server": server.pid, "loadgen": lg.pid})
         published = await publish_batches(server.port, sessions, 1, 1, 4)
-        lg.send(cmd="finish", maxSeq=published.max_seq())
-        res = await lg.expect("results", timeout=60)
-        r.cpu = window.stop()
+        res = await results_of(lg, published, window, r, timeout=60)
     finally:
         await lg.close()
     check_loadgen_results(r, res, published)
@@ -750,6 +749,17 @@ async def round_churn(server: Server, n: int) -> Round:
 
 
 # -- profiling -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiled(server: Server, profile_dir: str | None, name: str) -> Iterator[None]:
+    """py-spy records actor-broker meanwhile, when --profile asked for it."""
+    spy = start_py_spy(server, profile_dir, name) if profile_dir else None
+    try:
+        yield
+    finally:
+        if spy is not None:
+            stop_py_spy(spy)
 
 
 def start_py_spy(server: Server, profile_dir: str, name: str) -> subprocess.Popen[bytes] | None:
