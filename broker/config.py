@@ -396,11 +396,10 @@ def _build(values: Mapping[str, Any]) -> Settings:
             "configuration: query_upstream_url: expected an http:// or https:// URL, "
             'required when query_backend is "http"'
         )
-    if settings.backend == "redis" and not settings.redis_url:
-        raise ConfigError('configuration: redis_url: expected a redis:// URL, required when backend is "redis"')
     if settings.backend == "redis":
         # Accepting it would start a single-node broker that only looks shared:
         # events published to one daemon would never reach another's clients.
+        # (Once it exists, it will also need redis_url.)
         raise ConfigError(
             'configuration: backend: "redis" is not available in this version '
             '(sessions and history live in memory, in one process); use "memory"'

@@ -394,13 +394,10 @@ def test_http_query_backend_needs_an_upstream(write):
     assert settings.query_upstream_url == "http://agent:9000/q"
 
 
-def test_redis_backend_needs_a_url(write):
-    assert "redis_url" in load_error(write('backend = "redis"\n'))
-
-
-def test_redis_backend_is_refused_until_it_exists(write):
+@pytest.mark.parametrize("env", [{}, {"BROKER_REDIS_URL": "redis://cache:6379/0"}], ids=["no-url", "url"])
+def test_redis_backend_is_refused_until_it_exists(write, env):
     """A daemon that silently kept history in memory would look shared and not be."""
-    error = load_error(write('backend = "redis"\n'), env={"BROKER_REDIS_URL": "redis://cache:6379/0"})
+    error = load_error(write('backend = "redis"\n'), env=env)
     assert error.startswith("configuration: backend:") and "not available" in error
     assert load_settings(write('redis_url = "redis://cache:6379/0"\n'), env={}).redis_url == "redis://cache:6379/0"
 
