@@ -441,6 +441,21 @@ async def test_metrics_over_the_wire(spawn):
     await terminate(daemon)
 
 
+async def test_the_daemon_freezes_long_lived_objects_and_thaws_them_every_gc_thaw_interval(spawn):
+    daemon = spawn(BROKER_GC_THAW_INTERVAL="1", BROKER_LOG_LEVEL="info")
+    await daemon.started()
+    listening = await daemon.wait_log(event="listening")
+    assert listening["gc_frozen_objects"] > 0, "start-up objects are frozen"
+    client = await daemon.client("thaw-1")
+    await client.expect(type="connected")
+    # the check runs every 5 s (THAW_CHECK_INTERVAL); a thaw is due after 1 s
+    thawed = await daemon.wait_log(event="gc_thawed", timeout=15)
+    assert thawed["frozen_objects"] > 0, "what survived the thaw's collection is frozen again"
+    await client.send({"type": "ping"})
+    await client.expect(type="pong")
+    await terminate(daemon)
+
+
 # -- the unit file ------------------------------------------------------------------
 
 
