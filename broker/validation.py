@@ -399,10 +399,10 @@ def normalize_timestamp(text: str) -> str | None:
     Subscribers parse one format, whatever each publisher's clock library
     writes (`+00:00`, `+02:00`, microseconds, no fraction). A time without an
     offset is taken as UTC. Milliseconds are truncated, as for the broker's
-    own timestamps.
+    own timestamps. A lowercase `t` or `z` is read as RFC 3339 allows.
     """
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text.upper())
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         moment = moment.astimezone(UTC)

@@ -291,6 +291,7 @@ def test_timestamp_must_be_iso_8601(value: str) -> None:
         ("2025-10-25T12:34:56", "2025-10-25T12:34:56.000Z"),  # no offset: UTC
         ("2025-10-25", "2025-10-25T00:00:00.000Z"),
         ("2025-01-01T00:30:00-01:00", "2025-01-01T01:30:00.000Z"),
+        ("2025-10-25t12:34:56.5z", "2025-10-25T12:34:56.500Z"),  # RFC 3339 allows lowercase
     ],
 )
 def test_given_timestamps_are_delivered_in_the_protocol_form(given: str, delivered: str) -> None:
