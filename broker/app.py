@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import tornado.routing
 import tornado.web
 
 from broker.core import Broker
 from broker.logs import log_request
 from broker.metrics import broker_registry
 from handlers.base import ApiHandler
+from handlers.body import SmallBody
 from handlers.health import HealthzHandler, ReadyzHandler
 from handlers.metrics import MetricsHandler
-from handlers.publish import PublishHandler
+from handlers.publish import PublishHandler, SmallPublishHandler
 from handlers.research import BroadcastHandler, ResearchStartHandler
 from handlers.sessions import SessionHandler
 from handlers.stats import StatsHandler
@@ -41,9 +43,13 @@ def make_app(broker: Broker) -> tornado.web.Application:
             (r"/ws/health", StatsHandler, deps),
             (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
             (r"/api/websocket/stats", StatsHandler, deps),
+            tornado.routing.Rule(SmallBody(r"/api/events", broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
             (r"/api/events", PublishHandler, deps),
             (r"/api/research/start", ResearchStartHandler, deps),
             (r"/api/broadcast", BroadcastHandler, deps),
+            tornado.routing.Rule(
+                SmallBody(r"/api/sessions/([^/]+)/events", broker, SERVER_MAX_BODY), SmallPublishHandler, deps
+            ),
             (r"/api/sessions/([^/]+)/events", PublishHandler, deps),
             (r"/api/sessions/([^/]+)", SessionHandler, deps),
         ],

@@ -8,6 +8,7 @@ it is valid.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from broker.validation import (
     MAX_BATCH_EVENTS,
@@ -17,11 +18,15 @@ from broker.validation import (
     normalize_events,
     parse_body,
 )
-from handlers.body import StreamedBodyHandler
+from handlers.base import ApiHandler
+from handlers.body import BufferedBodyHandler, StreamedBodyHandler
 
 
-class PublishHandler(StreamedBodyHandler):
-    """`POST /api/sessions/{id}/events` and `POST /api/events`."""
+class _Publish(ApiHandler):
+    """`POST /api/sessions/{id}/events` and `POST /api/events`, whichever way the body was read."""
+
+    #: from the body handler this is mixed with (streamed or buffered)
+    accepted_body: Callable[[], bytes | None]
 
     async def post(self, session_id: str | None = None) -> None:
         body = self.accepted_body()
@@ -44,3 +49,11 @@ class PublishHandler(StreamedBodyHandler):
             return
         seqs = await self.broker.publish(events)
         self.send_json(202, {"accepted": len(events), "seq": seqs})
+
+
+class PublishHandler(_Publish, StreamedBodyHandler):
+    """Publishing with the body streamed (large, chunked or `Expect: 100-continue` requests)."""
+
+
+class SmallPublishHandler(_Publish, BufferedBodyHandler):
+    """Publishing with the body read whole first (handlers.body.SmallBody)."""

@@ -1047,3 +1047,35 @@ async def test_read_only_endpoints_need_no_key(http_server_client, path):
     await publish_with_key(http_server_client)
     response = await http_server_client.fetch(path, raise_error=False)
     assert response.code == 200
+
+
+# -- which reader a publish gets: whole (small, declared bodies) or streamed ---------
+
+
+def request_with(headers: dict[str, str]) -> Any:
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    start = RequestStartLine("POST", "/api/sessions/s1/events", "HTTP/1.1")
+    return HTTPServerRequest(start_line=start, headers=HTTPHeaders({"Host": "127.0.0.1", **headers}))
+
+
+@pytest.mark.parametrize(
+    ("headers", "whole"),
+    [
+        ({"Content-Length": "50"}, True),
+        ({"Content-Length": "1024"}, True),  # max_body_size, exactly
+        ({"Content-Length": "1025"}, False),  # over max_body_size: streamed, answered 413
+        ({"Transfer-Encoding": "chunked"}, False),  # no length declared
+        ({"Content-Length": "50", "Expect": "100-continue"}, False),  # waits to be told before sending
+        ({"Content-Length": "+50"}, False),
+        ({"Content-Length": "50", "Content-Type": "multipart/form-data"}, False),  # tornado would parse it
+        ({"Content-Length": "50", "Content-Type": "application/x-www-form-urlencoded"}, False),
+    ],
+    ids=["small", "at-limit", "over-limit", "chunked", "expect", "odd-length", "multipart", "form"],
+)
+@small_bodies
+def test_only_small_declared_bodies_are_read_whole(broker, headers, whole):
+    from handlers.body import SmallBody
+
+    matcher = SmallBody(r"/api/sessions/([^/]+)/events", broker, 64 * 1024)
+    assert (matcher.match(request_with(headers)) is not None) is whole
