@@ -34,23 +34,24 @@ class NotFoundHandler(ApiHandler):
 def make_app(broker: Broker) -> tornado.web.Application:
 
     deps = {"broker": broker}
+    session_events = r"/api/sessions/([^/]+)/events"
+    # Tornado tries the rules in order, one regex each: publishing (the hot
+    # path) comes first, then the WebSocket handshakes. No two paths overlap.
     return tornado.web.Application(
         [
+            tornado.routing.Rule(SmallBody(session_events, broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
+            (session_events, PublishHandler, deps),
+            tornado.routing.Rule(SmallBody(r"/api/events", broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
+            (r"/api/events", PublishHandler, deps),
+            (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
+            (r"/ws", BrokerWebSocket, deps),
+            (r"/ws/health", StatsHandler, deps),
             (r"/healthz", HealthzHandler, deps),
             (r"/readyz", ReadyzHandler, deps),
             (r"/metrics", MetricsHandler, {**deps, "registry": broker_registry(broker)}),
-            (r"/ws", BrokerWebSocket, deps),
-            (r"/ws/health", StatsHandler, deps),
-            (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
             (r"/api/websocket/stats", StatsHandler, deps),
-            tornado.routing.Rule(SmallBody(r"/api/events", broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
-            (r"/api/events", PublishHandler, deps),
             (r"/api/research/start", ResearchStartHandler, deps),
             (r"/api/broadcast", BroadcastHandler, deps),
-            tornado.routing.Rule(
-                SmallBody(r"/api/sessions/([^/]+)/events", broker, SERVER_MAX_BODY), SmallPublishHandler, deps
-            ),
-            (r"/api/sessions/([^/]+)/events", PublishHandler, deps),
             (r"/api/sessions/([^/]+)", SessionHandler, deps),
         ],
         default_handler_class=NotFoundHandler,

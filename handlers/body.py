@@ -131,6 +131,9 @@ class SmallBody(tornado.routing.PathMatches):
         self.server_limit = server_limit
 
     def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        matched = super().match(request)  # the path first: most requests stop here
+        if matched is None:
+            return None
         headers = request.headers
         length = headers.get("Content-Length")
         if length is None or not (length.isascii() and length.isdigit()) or "Expect" in headers:
@@ -139,4 +142,4 @@ class SmallBody(tornado.routing.PathMatches):
             return None
         if int(length) > min(self.server_limit, self.broker.settings.max_body_size):
             return None
-        return super().match(request)
+        return matched
