@@ -50,7 +50,7 @@ TARGETS = ("broker", "baseline")
 LABEL = {"broker": "actor-broker", "baseline": "baseline"}
 EVENT_TYPE = "bench.tick"  # any valid type; not task_progress, which is throttled
 SCENARIOS = ("fanout", "latency", "idle", "churn")
-DEFAULT_ROUNDS = {"fanout": 3, "latency": 5, "idle": 1, "churn": 1}
+DEFAULT_ROUNDS = {"fanout": 3, "latency": 5, "idle": 3, "churn": 1}
 
 # -- the shape of each scenario (the numbers) ---------------------------
 
