@@ -56,8 +56,8 @@ class GcPauses:
     frozen objects waits, for `thaw()`, which the daemon calls every
     `gc_thaw_interval` seconds (`thaw_when_due`): it unfreezes everything and
     collects it at once, and the survivors are frozen again. That one
-    collection walks every connection: 30-50 µs each, so 250 ms for 5 000
-    connections, once per interval instead of at random moments.
+    collection walks every connection: 40-50 µs each, so 260 ms for 5 000
+    connections (bench/thaw.py), once per interval instead of at random moments.
     """
 
     def __init__(self, *, freeze_survivors: bool = False) -> None:
