@@ -36,8 +36,28 @@ DRAIN_LIMIT = 16 * 1024 * 1024
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
+class _BodyReader(ApiHandler):
+    """What both body readers decide alike: the 413, and the answer once the body is in."""
+
+    def _too_large(self, size: int | None = None) -> tuple[int, str]:
+        """The 413 for a body over max_body_size (its size, when known), counted as a refusal."""
+        self.broker.stats.refused("max_body_size")
+        what = "body" if size is None else f"body of {size} bytes"
+        return 413, f"{what} is over max_body_size ({self.broker.settings.max_body_size})"
+
+    def _accept(self, refusal: tuple[int, str] | None, body: bytes) -> bytes | None:
+        """`body`, or None after answering the refusal (or 503 while draining)."""
+        if refusal is not None:
+            self.refuse(*refusal)
+            return None
+        if self.broker.draining:
+            self.fail(503, "server is shutting down")
+            return None
+        return body
+
+
 @tornado.web.stream_request_body
-class StreamedBodyHandler(ApiHandler):
+class StreamedBodyHandler(_BodyReader):
     """Collects the body of an authorised request up to max_body_size; refuses the rest."""
 
     def prepare(self) -> None:
@@ -52,13 +72,9 @@ class StreamedBodyHandler(ApiHandler):
         length = self.request.headers.get("Content-Length")
         declared = int(length) if length is not None and length.isascii() and length.isdigit() else None
         if self._refusal is None and declared is not None and declared > limit:
-            self._refusal = self._too_large(f"body of {declared} bytes is over max_body_size ({limit})")
+            self._refusal = self._too_large(declared)
         if self._refusal is not None and not self._drain_first(declared):
             self.refuse(*self._refusal)
-
-    def _too_large(self, error: str) -> tuple[int, str]:
-        self.broker.stats.refused("max_body_size")
-        return 413, error
 
     def _drain_first(self, declared: int | None) -> bool:
         """Whether to read the body before answering a refusal (see DRAIN_LIMIT)."""
@@ -72,7 +88,7 @@ class StreamedBodyHandler(ApiHandler):
         self._size += len(chunk)
         limit = self.broker.settings.max_body_size
         if self._refusal is None and self._size > limit:
-            self._refusal = self._too_large(f"body is over max_body_size ({limit})")
+            self._refusal = self._too_large()
         if self._refusal is None:
             self._chunks.append(chunk)
             return
@@ -84,34 +100,19 @@ class StreamedBodyHandler(ApiHandler):
         """The body, or None after answering (refused, or draining)."""
         if self._finished:  # refused before the whole body came
             return None
-        if self._refusal is not None:
-            self.refuse(*self._refusal)
-            return None
-        if self.broker.draining:
-            self.fail(503, "server is shutting down")
-            return None
-        return b"".join(self._chunks)
+        return self._accept(self._refusal, b"".join(self._chunks))
 
 
-class BufferedBodyHandler(ApiHandler):
+class BufferedBodyHandler(_BodyReader):
     """A body Tornado has already read whole (at most `SmallBody`'s limit), checked as StreamedBodyHandler does."""
 
     def accepted_body(self) -> bytes | None:
         """The body, or None after answering (refused, too large, draining)."""
-        refusal = self.publisher_refusal()
-        if refusal is not None:
-            self.refuse(*refusal)
-            return None
         body = self.request.body
-        limit = self.broker.settings.max_body_size
-        if len(body) > limit:
-            self.broker.stats.refused("max_body_size")
-            self.refuse(413, f"body of {len(body)} bytes is over max_body_size ({limit})")
-            return None
-        if self.broker.draining:
-            self.fail(503, "server is shutting down")
-            return None
-        return body
+        refusal = self.publisher_refusal()
+        if refusal is None and len(body) > self.broker.settings.max_body_size:
+            refusal = self._too_large(len(body))
+        return self._accept(refusal, body)
 
 
 class SmallBody(tornado.routing.PathMatches):
