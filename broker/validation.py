@@ -12,6 +12,7 @@ problem of every event in one 422, and nothing of a bad batch is published.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -393,6 +394,11 @@ def _envelope_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+#: No ISO 8601 date and time is longer; a longer string is refused unparsed
+#: (and never enters the cache below).
+_MAX_TIMESTAMP_LENGTH = 64
+
+
 def normalize_timestamp(text: str) -> str | None:
     """A publisher's ISO 8601 time in the protocol's form (UTC, milliseconds, `Z`), or None.
 
@@ -401,6 +407,15 @@ def normalize_timestamp(text: str) -> str | None:
     offset is taken as UTC. Milliseconds are truncated, as for the broker's
     own timestamps. A lowercase `t` or `z` is read as RFC 3339 allows.
     """
+    if len(text) > _MAX_TIMESTAMP_LENGTH:
+        return None
+    return _parse_timestamp(text)
+
+
+@functools.lru_cache(maxsize=MAX_BATCH_EVENTS)
+def _parse_timestamp(text: str) -> str | None:
+    """Cached for a batch's worth: validation and completion both ask for each
+    event's timestamp, so each is parsed once (keys are at most 64 characters)."""
     try:
         moment = datetime.fromisoformat(text.upper())
         if moment.tzinfo is None:
