@@ -202,7 +202,11 @@ class ConnectionActor(LoopActor):
         if cls is TokenExpiry:
             return self.token_expired()
         if cls is DescribeConnection:
-            return {"acked_seq": self.acked_seq, "queued_bytes": self.queued_live_bytes + self.inflight_live_bytes}
+            return {
+                "acked_seq": self.acked_seq,
+                "queued_bytes": self.queued_live_bytes + self.inflight_live_bytes,
+                "transport": self.transport.kind,
+            }
         return super().on_receive(message)
 
     # -- outbound ----------------------------------------------------------
@@ -380,12 +384,12 @@ class ConnectionActor(LoopActor):
         now = self.clock.monotonic()
         if self._pong_due is not None and now >= self._pong_due:
             self._pong_due = None
-            if not self.transport.pong_received():
+            if not self.transport.probe_answered():
                 self.log.info("ping_timed_out")
                 self._close_now(1000, "ping timed out")
                 return
         if settings.ws_ping_interval > 0 and now >= self._next_ping:
-            self.transport.ping()
+            self.transport.probe()
             self._pong_due = now + min(settings.ws_ping_timeout, settings.ws_ping_interval)
             self._next_ping = now + settings.ws_ping_interval
         interval = settings.keepalive_interval

@@ -296,4 +296,4 @@ async def _describe_connection(ref: ActorRef[Any]) -> dict[str, Any]:
     try:
         return await ref.ask(DescribeConnection(), block=False)
     except pykka.ActorDeadError:
-        return {"acked_seq": None, "queued_bytes": 0}
+        return {"acked_seq": None, "queued_bytes": 0, "transport": None}

@@ -241,6 +241,8 @@ class RecordingTransport:
     the next write raise, like a socket that closed under us.
     """
 
+    kind = "recording"
+
     def __init__(self, *, auto_flush: bool = True) -> None:
         self.auto_flush = auto_flush
         self.fail_writes = False
@@ -261,11 +263,11 @@ class RecordingTransport:
         self._pending.append(on_flushed)
         return False
 
-    def ping(self) -> None:
+    def probe(self) -> None:
         self.pings += 1
         self._ponged = self.answers_pings
 
-    def pong_received(self) -> bool:
+    def probe_answered(self) -> bool:
         return self._ponged
 
     def flush(self) -> None:

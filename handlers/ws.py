@@ -252,17 +252,18 @@ class SocketTransport:
     """
 
     __slots__ = ("handler", "ponged")
+    kind = "websocket"
 
     def __init__(self, handler: tornado.websocket.WebSocketHandler) -> None:
         self.handler = handler
         self.ponged = True
 
-    def ping(self) -> None:
+    def probe(self) -> None:
         self.ponged = False
         with contextlib.suppress(tornado.websocket.WebSocketClosedError, StreamClosedError):
             self.handler.ping()
 
-    def pong_received(self) -> bool:
+    def probe_answered(self) -> bool:
         return self.ponged
 
     def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> bool:

@@ -505,7 +505,7 @@ def test_connection_describes_acked_seq(world):
     ref, _ = world.connect("s")
     ref.tell(ClientMessage('{"type": "ack", "seq": 7}'))
     ref.tell(ClientMessage('{"type": "ack", "seq": 3}'))  # acks never go back
-    assert ref.ask(DescribeConnection()) == {"acked_seq": 7, "queued_bytes": 0}
+    assert ref.ask(DescribeConnection()) == {"acked_seq": 7, "queued_bytes": 0, "transport": "recording"}
 
 
 def test_a_reload_applies_buffer_size_and_throttle_settings_to_existing_sessions(harness):

@@ -40,7 +40,7 @@ SESSION_FIELDS = [
     "created_at",
     "last_event_at",
 ]
-CONNECTION_FIELDS = ["connection_id", "user_id", "events", "acked_seq", "queued_bytes"]
+CONNECTION_FIELDS = ["connection_id", "user_id", "events", "acked_seq", "queued_bytes", "transport"]
 STATS_FIELDS = [
     "status",
     "active_connections",
@@ -762,6 +762,7 @@ async def test_session_shows_every_field_with_its_connections(http_server_client
         "events": ESSENTIAL,
         "acked_seq": 2,
         "queued_bytes": 0,
+        "transport": "websocket",
     }
     [other] = connections.values()
     assert other["user_id"] is None

@@ -131,7 +131,9 @@ class CuttingProxy:
         )
         self._close_pair(pair)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: Any, *, downstream: bool) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: Any, *, downstream: bool
+    ) -> None:
         carried = 0
         while pair in self._pairs:
             data = await reader.read(65536)
