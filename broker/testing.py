@@ -98,8 +98,15 @@ class ManualDispatcher(Dispatcher):
                 raise RuntimeError(msg)
 
     def wait_for(self, future: LoopFuture, timeout: float | None) -> None:
-        """Called by a blocking `get()` on the test thread: run until answered."""
-        self.run_until_idle()
+        """A blocking `get()` on the test thread runs the actors until they settle.
+
+        The answer is there then, or never will be (the caller raises
+        `pykka.Timeout`); from another thread it waits like any dispatcher.
+        """
+        if self.on_thread():
+            self.run_until_idle()
+        else:
+            super().wait_for(future, timeout)
 
 
 def matches(message: Any, expected: dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import pykka
 import pytest
 from pykka import ActorRegistry
 
@@ -85,6 +86,27 @@ def test_blocking_ask_runs_the_dispatcher_until_answered():
     with ActorHarness() as h:
         echo = Echo.start(h.probe().ref)
         assert echo.ask({"type": "ask"}) == "answer"
+
+
+def test_blocking_get_of_a_reply_that_never_comes_fails_at_once():
+    """The harness runs its actors until they settle: no answer then means none will come."""
+    with ActorHarness():
+        never_answered = LoopActor._create_future()
+        with pytest.raises(pykka.Timeout):
+            never_answered.get(timeout=60)
+
+
+def test_blocking_ask_from_another_thread_waits_for_the_test_to_run_the_actors():
+    with ActorHarness() as h:
+        echo = Echo.start(h.probe().ref)
+        answers: list[Any] = []
+        thread = threading.Thread(target=lambda: answers.append(echo.ask({"type": "ask"}, timeout=30)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < deadline:
+            h.run_until_idle()  # hands the thread's ask to the actor once it has arrived
+            thread.join(timeout=0.001)
+        assert answers == ["answer"]
 
 
 def test_order_is_reproducible():

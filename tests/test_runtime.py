@@ -193,6 +193,22 @@ async def test_blocking_get_on_the_loop_thread_raises_instead_of_deadlocking(dis
         ref.ask("get")  # block=True on the loop thread
 
 
+async def test_get_from_another_thread_times_out_when_no_answer_comes(dispatcher):
+    never_answered = LoopActor._create_future()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            never_answered.get(timeout=0.01)
+        except pykka.Timeout as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    await until(lambda: not thread.is_alive(), loops=10_000_000)
+    assert [type(e) for e in outcome] == [pykka.Timeout]
+
+
 async def test_stop_future_and_mapped_futures_can_be_awaited(dispatcher):
     ref = Recorder.start()
     ref.tell(1)
@@ -299,3 +315,69 @@ def test_drained_mailboxes_are_reused_and_the_spares_are_bounded():
         for ref in [a, b, *many]:
             ref.stop(block=False)
         harness.run_until_idle()
+
+
+def test_installing_a_dispatcher_makes_the_registry_o1_and_keeps_earlier_refs():
+    """Connection churn unregisters thousands of actors: pykka's list store would scan them all.
+
+    No wall-clock assert (project rule): the store is what is checked, and
+    that refs registered before the install are kept, in order.
+    """
+    from actors.registry import OrderedRefSet
+    from broker.testing import ActorHarness
+
+    with ActorHarness() as harness:
+        first, second = Recorder.start(name="first"), Recorder.start(name="second")
+        with ActorRegistry._actor_refs_lock:  # as pykka leaves it before any dispatcher
+            ActorRegistry._actor_refs = list(ActorRegistry._actor_refs)
+        try:
+            previous = install_dispatcher(harness.dispatcher)
+            assert isinstance(ActorRegistry._actor_refs, OrderedRefSet)
+            assert [r for r in ActorRegistry.get_all() if r in (first, second)] == [first, second]
+            first.stop(block=False)
+            harness.run_until_idle()
+            assert first not in ActorRegistry.get_all()
+            assert ActorRegistry.get_by_urn(second.actor_urn) is second
+            install_dispatcher(previous)
+        finally:
+            from actors.registry import install_fast_registry
+
+            install_fast_registry()  # never leave the process with the list store
+
+
+RUNTIME_MODULES = {"dispatcher.py", "future.py", "inbox.py", "registry.py", "runtime.py"}
+
+
+def pykka_internals_used(path) -> list[str]:
+    """pykka's private modules and private names that `path` imports or reads."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pykka"):
+            if node.module.startswith("pykka._") or node.module == "pykka.messages":
+                found.append(node.module)
+            found += [f"pykka.{a.name}" for a in node.names if a.name.startswith("_") or a.name == "messages"]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("pykka._")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            base = ast.unparse(node.value)
+            if base in {"pykka", "ActorRegistry", "pykka.ActorRegistry", "messages", "pykka.messages"}:
+                found.append(f"{base}.{node.attr}")
+    return found
+
+
+def test_only_the_runtime_modules_touch_pykka_internals():
+    """pykka is pinned to its minor version for the runtime's sake; nothing else may lean on its insides."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = {
+        str(path.relative_to(root)): used
+        for package in ("actors", "broker", "handlers")
+        for path in sorted((root / package).glob("*.py"))
+        if not (package == "actors" and path.name in RUNTIME_MODULES)
+        if (used := pykka_internals_used(path))
+    }
+    assert offenders == {}
+    assert pykka_internals_used(root / "actors" / "inbox.py"), "the check sees the runtime's own use"
