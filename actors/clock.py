@@ -12,20 +12,10 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Protocol
 
-__all__ = ["Clock", "LoopClock", "ManualClock", "TimerHandle", "iso_timestamp"]
+__all__ = ["Clock", "LoopClock", "ManualClock", "TimerHandle"]
 
-
-def iso_timestamp(epoch_seconds: float) -> str:
-    """Format a POSIX time as the protocol's `2025-10-25T12:34:56.123Z`.
-
-    Milliseconds are truncated, never rounded up, so a timestamp never names
-    a moment that has not happened yet and the seconds never carry over.
-    """
-    moment = datetime.fromtimestamp(epoch_seconds, UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="milliseconds") + "Z"
 
 
 class TimerHandle(Protocol):

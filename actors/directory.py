@@ -16,16 +16,23 @@ from actors.stats import BrokerStats
 
 if TYPE_CHECKING:
     from actors.queries import QueryBackend
-    from broker.config import Settings
+    from actors.settings import ActorSettings
 
 
 class SessionDirectory:
-    def __init__(self, settings: Settings, stats: BrokerStats | None = None) -> None:
+    """Session ids to session actors, and the settings every actor follows."""
+
+    def __init__(self, settings: ActorSettings, stats: BrokerStats | None = None) -> None:
+        #: the settings in force; replaced whole on a reload (actors read them through current_settings)
         self.settings = settings
         self.stats = stats or BrokerStats()
         self._sessions: dict[str, ActorRef[Any]] = {}
         #: answers agent queries (broker.queries); set by the Broker
         self.query_backend: QueryBackend | None = None
+
+    def current_settings(self) -> ActorSettings:
+        """The one way settings reach actors (actors.settings.SettingsGetter)."""
+        return self.settings
 
     def get(self, session_id: str) -> ActorRef[Any] | None:
         return self._sessions.get(session_id)

@@ -5,11 +5,12 @@ filter is an immutable, precomputed value and that check is one frozenset lookup
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
+
+from actors.wire import TYPE_RE
 
 __all__ = ["ALL", "DEFAULT_PRESETS", "EventFilter", "FilterError", "parse_event_list", "parse_events_param"]
 
@@ -20,7 +21,6 @@ DEFAULT_PRESETS: Mapping[str, frozenset[str]] = MappingProxyType({
     "planning": frozenset({"session_started", "session_completed", "plan_generated", "report_generated"}),
 })
 
-_TYPE_RE = re.compile(r"[a-z][a-z0-9_.]{0,63}")  # used with fullmatch: `$` would accept a trailing newline
 _EVERYTHING = frozenset({"*", "all"})  # built in, checked before the presets, so a preset cannot shadow it
 
 
@@ -40,7 +40,7 @@ def _expand(name: str, presets: Mapping[str, frozenset[str]], shown: str) -> fro
         return None
     if name in presets:
         return frozenset(presets[name])
-    if not _TYPE_RE.fullmatch(name):  # any other valid name is a type: publishers may use their own
+    if not TYPE_RE.match(name):  # any other valid name is a type: publishers may use their own
         raise FilterError(f"events: unknown event type or preset {_show(shown)}")
     return frozenset((name,))
 

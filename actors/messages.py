@@ -9,12 +9,14 @@ only read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from pykka import ActorRef
 
-from actors.filters import EventFilter
+if TYPE_CHECKING:
+    from pykka import ActorRef
+
+    from actors.filters import EventFilter
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -144,6 +146,10 @@ class ClientMessage:
 @dataclass(frozen=True, slots=True)
 class TransportClosed:
     """The socket is gone (client left, network died, or we closed it)."""
+
+    #: the peer's close code and reason, when it sent one (for the connection_closed log line)
+    code: int | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pykka import ActorDeadError
 
-from actors.clock import iso_timestamp
 from actors.filters import FilterError
 from actors.history import MemoryHistory
-from actors.ids import new_event_id
 from actors.messages import (
     Attach,
     BroadcastFrame,
@@ -42,9 +40,10 @@ from actors.messages import (
     StartQuery,
     encode,
 )
-from actors.queries import QueryRequest, QuerySink
+from actors.query_run import QueryRunner
 from actors.runtime import LoopActor
 from actors.throttle import ProgressThrottle, Verdict
+from actors.wire import CloseCode, control_frame, error_frame, iso_timestamp
 
 if TYPE_CHECKING:
     from pykka import ActorRef
@@ -52,6 +51,7 @@ if TYPE_CHECKING:
     from actors.directory import SessionDirectory
     from actors.filters import EventFilter
     from actors.history import History
+    from actors.settings import ActorSettings
 
 log = structlog.get_logger("actor_broker.session")
 
@@ -62,17 +62,9 @@ def new_epoch() -> str:
     return "e-" + uuid.uuid4().hex[:16]
 
 
-iso_now = iso_timestamp
-
-
 def _plain_number(value: float) -> float | int:
     """25.0 -> 25: settings are floats, the wire shows whole seconds as integers."""
     return int(value) if float(value).is_integer() else value
-
-
-def control_frame(message: dict[str, Any]) -> Frame:
-    """A connection-level message: no seq, never in history, passes every filter."""
-    return Frame(encode(message), message["type"])
 
 
 class _Member:
@@ -87,20 +79,10 @@ class _Member:
         self.filter = event_filter
 
 
-class _RunningQuery:
-    __slots__ = ("chunks", "handle", "query_id", "sink")
-
-    def __init__(self, query_id: str, sink: QuerySink) -> None:
-        self.query_id = query_id
-        self.sink = sink
-        self.chunks: list[str] = []
-        self.handle: Any = None
-
-
 class SessionActor(LoopActor):
     def __init__(self, session_id: str, directory: SessionDirectory, history: History | None = None) -> None:
         super().__init__()
-        settings = directory.settings
+        settings = directory.current_settings()
         self.session_id = session_id
         self.directory = directory
         self.stats = directory.stats
@@ -120,8 +102,13 @@ class SessionActor(LoopActor):
         self.last_activity = self.clock.monotonic()
         self.closing = False
         self._expiry_timer: Any = None
-        self.query: _RunningQuery | None = None
+        self.queries = QueryRunner(session_id, self.actor_ref, self._commit, self.clock)
         self.log = log.bind(session_id=session_id)
+
+    @property
+    def settings(self) -> ActorSettings:
+        """The settings in force now; `_follow_settings` applies what a change means for held state."""
+        return self.directory.current_settings()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -136,7 +123,7 @@ class SessionActor(LoopActor):
         self._forget()
 
     def _forget(self) -> None:
-        self._abandon_query()
+        self.queries.abandon()
         self.directory.remove(self.session_id, self.actor_ref)
         self._set_buffered(0)
         self.stats.connected_sessions.discard(self.session_id)
@@ -165,7 +152,7 @@ class SessionActor(LoopActor):
 
     def _follow_settings(self) -> None:
         """A SIGHUP reload swaps the directory's settings; existing sessions follow them here."""
-        settings = self.directory.settings
+        settings = self.settings
         if settings is self._settings:
             return
         self._settings = settings
@@ -269,109 +256,24 @@ class SessionActor(LoopActor):
             stats.sessions_with_buffer -= 1
 
     def _prune_accepted(self, now: float) -> None:
-        horizon = now - self.directory.settings.dedup_window
+        horizon = now - self.settings.dedup_window
         order = self.accepted_order
         while order and order[0][0] < horizon:
             self.accepted.pop(order.popleft()[1], None)
 
-    def _event(self, etype: str, **fields: Any) -> dict[str, Any]:
-        """An event the session itself emits (queries), shaped like a published one."""
-        event_id = new_event_id()
-        correlation_id = fields.pop("correlation_id", event_id)
-        return {
-            "type": etype,
-            "session_id": self.session_id,
-            **fields,
-            "event_id": event_id,
-            "correlation_id": correlation_id,
-            "timestamp": iso_now(self.clock.time()),
-        }
-
     # -- queries ---------------------------------------------------------------
 
     def start_query(self, request: StartQuery) -> None:
-        if self.query is not None:
-            self._reply(
-                request.connection,
-                control_frame(
-                    {
-                        "type": "error",
-                        "code": "busy",
-                        "error": "a query is already running in this session; wait for its complete or error",
-                        "timestamp": iso_now(self.clock.time()),
-                    }
-                ),
-            )
+        busy = self.queries.start(request, self.directory.query_backend)
+        if busy is not None:
+            self._reply(request.connection, busy)
             return
-        query_id = "q-" + uuid.uuid4().hex[:16]
-        sink = QuerySink(self.actor_ref, query_id)
-        running = self.query = _RunningQuery(query_id, sink)
-        message = request.message
         self.stats.total_events_received += 1
-        self._commit(
-            self._event(
-                "query_start",
-                query=message["query"],
-                query_id=query_id,
-                user_id=request.user_id,
-                correlation_id=query_id,
-            )
-        )
         self._touch(self.clock.monotonic())
-        backend = self.directory.query_backend
-        try:
-            running.handle = backend.start(
-                QueryRequest(self.session_id, request.user_id, message["query"], message), sink, self.clock
-            )
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot start ends the query, not the session
-            self.log.warning("query_backend_failed", error=str(exc))
-            sink.fail(f"the query backend could not start: {exc}")
 
     def query_event(self, event: QueryEvent) -> None:
-        running = self.query
-        if running is None or running.query_id != event.query_id:
-            return  # a late report from an abandoned query
-        if event.kind == "chunk":
-            running.chunks.append(event.text)
-            self._commit(
-                self._event(
-                    "chunk",
-                    content=event.text,
-                    chunk_number=len(running.chunks),
-                    query_id=running.query_id,
-                    correlation_id=running.query_id,
-                )
-            )
-            return
-        self.query = None
-        if event.kind == "done":
-            self._commit(
-                self._event(
-                    "complete",
-                    full_response="".join(running.chunks),
-                    total_chunks=len(running.chunks),
-                    query_id=running.query_id,
-                    correlation_id=running.query_id,
-                )
-            )
-        else:
-            self._commit(
-                self._event(
-                    "error",
-                    error=event.text,
-                    code="query_failed",
-                    query_id=running.query_id,
-                    correlation_id=running.query_id,
-                )
-            )
-        self._touch(self.clock.monotonic())
-
-    def _abandon_query(self) -> None:
-        running, self.query = self.query, None
-        if running is not None:
-            running.sink.fail("session closed")
-            if running.handle is not None:
-                running.handle.cancel()
+        if self.queries.on_event(event):
+            self._touch(self.clock.monotonic())
 
     def broadcast(self, frame: Frame) -> int:
         return sum(1 for member in list(self.members.values()) if self._tell(member, frame))
@@ -402,10 +304,8 @@ class SessionActor(LoopActor):
                 frames.append(self._gap(1, None))
                 replay = list(history)
             elif request.last_seq > history.last_seq:
-                self._reply(
-                    request.connection,
-                    CloseConnection(1008, "last_seq is beyond the session's newest seq", immediately=True),
-                )
+                beyond = "last_seq is beyond the session's newest seq"
+                self._reply(request.connection, CloseConnection(CloseCode.POLICY_VIOLATION, beyond, immediately=True))
                 if self._untouched():
                     self._end()  # made for this refused handshake: leave nothing behind
                 return
@@ -433,8 +333,8 @@ class SessionActor(LoopActor):
                 "events": request.filter.echo(),
                 "epoch": self.epoch,
                 "last_seq": history.last_seq,
-                "keepalive_interval": _plain_number(self.directory.settings.keepalive_interval),
-                "timestamp": iso_now(self.clock.time()),
+                "keepalive_interval": _plain_number(self.settings.keepalive_interval),
+                "timestamp": iso_timestamp(self.clock.time()),
             }
         )
         try:
@@ -461,24 +361,19 @@ class SessionActor(LoopActor):
         member = self.members.get(request.connection_id)
         if member is None:
             return
-        presets = self.directory.settings.presets
+        presets = self.settings.presets
         try:
             if request.subscribe:
                 member.filter = member.filter.subscribe(request.items, presets)
             else:
                 member.filter = member.filter.unsubscribe(request.items, presets)
         except FilterError as exc:  # the connection validated; presets may have changed since
-            self._tell(
-                member,
-                control_frame(
-                    {"type": "error", "code": "bad_message", "error": str(exc), "timestamp": iso_now(self.clock.time())}
-                ),
-            )
+            self._tell(member, error_frame("bad_message", str(exc), self.clock.time()))
             return
         self._tell(
             member,
             control_frame(
-                {"type": "subscribed", "events": member.filter.echo(), "timestamp": iso_now(self.clock.time())}
+                {"type": "subscribed", "events": member.filter.echo(), "timestamp": iso_timestamp(self.clock.time())}
             ),
         )
 
@@ -497,8 +392,8 @@ class SessionActor(LoopActor):
                 for m in self.members.values()
             ],
             "buffered_messages": len(self.history),
-            "created_at": iso_now(self.created_at),
-            "last_event_at": iso_now(self.last_event_at) if self.last_event_at is not None else None,
+            "created_at": iso_timestamp(self.created_at),
+            "last_event_at": iso_timestamp(self.last_event_at) if self.last_event_at is not None else None,
         }
 
     # -- ending ------------------------------------------------------------
@@ -510,22 +405,22 @@ class SessionActor(LoopActor):
                 "type": "session_closed",
                 "session_id": self.session_id,
                 "reason": "deleted",
-                "timestamp": iso_now(self.clock.time()),
+                "timestamp": iso_timestamp(self.clock.time()),
             }
         )
         for member in list(self.members.values()):
             if self._tell(member, notice):
-                self._tell(member, CloseConnection(1000, "session closed"))
+                self._tell(member, CloseConnection(CloseCode.NORMAL, "session closed"))
         self.members.clear()
         self._end()
         return True
 
     def _untouched(self) -> bool:
         """Nothing ever happened here: no event, no connection, no query."""
-        return not self.members and not self.accepted and self.history.last_seq == 0 and self.query is None
+        return not self.members and not self.accepted and self.history.last_seq == 0 and self.queries.running is None
 
     def _end(self) -> None:
-        self._abandon_query()
+        self.queries.abandon()
         self.closing = True
         self.directory.remove(self.session_id, self.actor_ref)
         self.throttle.forget()
@@ -537,14 +432,14 @@ class SessionActor(LoopActor):
 
     def _arm_expiry(self) -> None:
         if self._expiry_timer is None and not self.members:
-            delay = self.last_activity + self.directory.settings.session_ttl - self.clock.monotonic()
+            delay = self.last_activity + self.settings.session_ttl - self.clock.monotonic()
             self._expiry_timer = self.tell_later(max(0.0, delay), ExpiryCheck())
 
     def check_expiry(self) -> None:
         self._expiry_timer = None
         if self.members:
             return  # re-armed when the last one leaves
-        due = self.last_activity + self.directory.settings.session_ttl
+        due = self.last_activity + self.settings.session_ttl
         if self.clock.monotonic() >= due:
             self.log.info("session_expired")
             self._end()

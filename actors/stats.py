@@ -7,6 +7,10 @@ locks; actors bump them as things happen instead of being polled.
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actors.messages import Frame
 
 
 class LatencyHistogram:
@@ -63,6 +67,14 @@ class BrokerStats:
         self.refusals: dict[str, int] = {}
         #: from the session making a message to its connection handing it to the socket
         self.write_latency = LatencyHistogram()
+
+    def wrote(self, frames: list[Frame], now: float) -> None:
+        """A connection handed these frames to its transport at monotonic time `now`."""
+        self.total_messages_sent += len(frames)
+        observe = self.write_latency.observe
+        for frame in frames:
+            if frame.born:
+                observe(now - frame.born)
 
     def refused(self, limit: str) -> None:
         self.refusals[limit] = self.refusals.get(limit, 0) + 1

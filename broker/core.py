@@ -14,21 +14,25 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import pykka
+import structlog
 
 from actors.connection import ConnectionActor
 from actors.directory import SessionDirectory
+from actors.lease import TokenLease
 from actors.messages import (
     FOLLOW_SETTINGS,
     Attach,
     BroadcastFrame,
+    CloseConnection,
     CloseSession,
     DescribeConnection,
     DescribeSession,
     Publish,
 )
 from actors.runtime import current_dispatcher
-from actors.session import control_frame, iso_now
+from actors.session import SessionActor
 from actors.stats import BrokerStats
+from actors.wire import control_frame, iso_timestamp
 from broker.config import DEFAULT_SETTINGS, Settings
 from broker.queries import make_query_backend
 from broker.research import SimulatedResearch, forward_to_upstream
@@ -41,7 +45,11 @@ if TYPE_CHECKING:
     from pykka import ActorRef
 
     from actors.filters import EventFilter
+    from actors.messages import Frame
     from actors.transport import Transport
+    from broker.descriptors import DescriptorBudget
+
+log = structlog.get_logger("actor_broker.connection")
 
 
 async def resolve(value: Any) -> Any:
@@ -63,10 +71,13 @@ class Broker:
         self.started_at = time.monotonic()
         self.ready = False
         self.draining = False
-        #: connections per session, counted at the handshake (limits are checked there)
+        #: every open client connection (WebSocket or SSE), from its handshake to its socket's close
+        self.connections: dict[str, OpenConnection] = {}
+        #: open connections per session and per user, kept with `connections` (limits are checked at handshakes)
         self.connection_counts: dict[str, int] = {}
         self.user_counts: dict[str, int] = {}
-        self.open_connections = 0
+        #: the process's descriptors (broker.descriptors), when the daemon counts them
+        self.descriptors: DescriptorBudget | None = None
         #: tasks the broker started and must keep a reference to until they end
         self._background: set[asyncio.Future[None]] = set()
 
@@ -157,7 +168,7 @@ class Broker:
 
     async def broadcast(self, message: dict[str, Any], exclude: frozenset[str] = frozenset()) -> int:
         """A connection-level message to every connected client outside `exclude`; no history."""
-        frame = control_frame({**message, "timestamp": iso_now(time.time())})
+        frame = control_frame({**message, "timestamp": iso_timestamp(time.time())})
         replies = [
             ref.ask(BroadcastFrame(frame), block=False)
             for session_id, ref in self.directory.items()
@@ -181,6 +192,8 @@ class Broker:
         limit = None
         if self.open_connections >= settings.max_connections:
             limit, why = "max_connections", "too many connections"
+        elif self.descriptors is not None and self.descriptors.exhausted():  # docs/protocol.md section 5, "Sockets"
+            limit, why = "fd_budget", "too many open descriptors: the rest are kept for health checks and publishing"
         elif self.connection_counts.get(session_id, 0) >= settings.max_connections_per_session:
             limit, why = "max_connections_per_session", "too many connections for this session"
         elif user_id is not None and self.user_counts.get(user_id, 0) >= settings.max_connections_per_user:
@@ -200,6 +213,11 @@ class Broker:
             return "too many sessions"
         return None
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections whose socket is open (their actors may still be starting or stopping)."""
+        return len(self.connections)
+
     def open_connection(
         self,
         *,
@@ -211,35 +229,91 @@ class Broker:
         epoch: str | None,
         greeting_type: str,
         transport: Transport,
+        remote_ip: str | None = None,
         expires_at: float | None = None,
         refresh: Callable[[str], float] | None = None,
-    ) -> ActorRef[Any]:
-        """Start the connection actor and attach it to its session."""
+    ) -> OpenConnection:
+        """Start the connection actor, attach it to its session, and count it until `connection_closed`.
+
+        Called by a transport's handler once its handshake passed
+        `admit_connection` and its checks; `refresh` verifies a refresh
+        token for this session and user (with `expires_at`, when tokens are required).
+        """
         connection_id = "c-" + uuid.uuid4().hex[:16]
         session = self.directory.get_or_create(session_id)
+        lease = TokenLease(expires_at, refresh) if expires_at is not None and refresh is not None else None
         ref = ConnectionActor.start(
-            connection_id, session_id, session, transport, self, self.stats, user_id, expires_at, refresh
+            connection_id, session_id, session, transport, self.directory.current_settings, self.stats, user_id, lease
         )
+        connection = OpenConnection(connection_id, session_id, user_id, ref)
+        self.connections[connection_id] = connection
         self.connection_counts[session_id] = self.connection_counts.get(session_id, 0) + 1
         if user_id is not None:
             self.user_counts[user_id] = self.user_counts.get(user_id, 0) + 1
-        self.open_connections += 1
         session.tell(Attach(ref, connection_id, user_id, event_filter, replay, last_seq, epoch, greeting_type))
-        return ref
+        log.info(
+            "connection_opened",
+            session_id=session_id,
+            connection_id=connection_id,
+            user_id=user_id,
+            transport=transport.kind,
+            events=event_filter.echo(),
+            replay=replay if last_seq is None else f"last_seq={last_seq}",
+            remote_ip=remote_ip,
+        )
+        return connection
 
-    def connection_closed(self, session_id: str, user_id: str | None = None) -> None:
-        self.open_connections -= 1
-        if user_id is not None:
-            remaining = self.user_counts.get(user_id, 0) - 1
-            if remaining > 0:
-                self.user_counts[user_id] = remaining
-            else:
-                self.user_counts.pop(user_id, None)
-        count = self.connection_counts.get(session_id, 0) - 1
-        if count > 0:
-            self.connection_counts[session_id] = count
-        else:
-            self.connection_counts.pop(session_id, None)
+    def connection_closed(self, connection: OpenConnection) -> None:
+        """The connection's socket closed: it no longer counts against any limit."""
+        if self.connections.pop(connection.connection_id, None) is None:
+            return
+        _decrement(self.connection_counts, connection.session_id)
+        if connection.user_id is not None:
+            _decrement(self.user_counts, connection.user_id)
+
+    def tell_connections(self, *messages: Frame | CloseConnection, skip: set[str] | None = None) -> list[str]:
+        """Tell every open connection (not in `skip`) these messages, in order; the ids told.
+
+        Shutdown uses it (daemon drain and the embedded broker): the
+        connections are the broker's own list, not a scan of the actor registry.
+        """
+        told = []
+        for connection_id, connection in list(self.connections.items()):
+            if skip is not None and connection_id in skip:
+                continue
+            told.append(connection_id)
+            for message in messages:
+                with contextlib.suppress(pykka.ActorDeadError):
+                    connection.ref.tell(message)
+        return told
+
+    def close_all(self, code: int, reason: str, *, notice: Frame | None = None) -> None:
+        """Close every open connection at once (after `notice`, when given)."""
+        close = CloseConnection(code, reason, immediately=True)
+        self.tell_connections(*((notice, close) if notice is not None else (close,)))
+
+    async def stop_actors(self, timeout: float) -> bool:
+        """Stop connections, then sessions, then anything else the broker's loop runs, each group awaited.
+
+        Connections first so that sessions see their connections leave (and
+        update the counters) before they go themselves. False if `timeout`
+        passed first (what was left is logged).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for group in (ConnectionActor, SessionActor, None):
+            live = reversed(_live_actors(self._dispatcher))
+            refs = [ref for ref in live if group is None or ref.actor_class is group]
+            if not refs:
+                continue
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(_stopped(ref) for ref in refs)), max(0.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                log.warning("actors_stop_timeout", kind=getattr(group, "__name__", "other"), count=len(refs))
+                return False
+        return True
 
     # -- sessions ---------------------------------------------------------
 
@@ -297,3 +371,38 @@ async def _describe_connection(ref: ActorRef[Any]) -> dict[str, Any]:
         return await ref.ask(DescribeConnection(), block=False)
     except pykka.ActorDeadError:
         return {"acked_seq": None, "queued_bytes": 0, "transport": None}
+
+
+class OpenConnection:
+    """A client connection as the broker counts it: from its handshake to its socket's close."""
+
+    __slots__ = ("connection_id", "ref", "session_id", "user_id")
+
+    def __init__(self, connection_id: str, session_id: str, user_id: str | None, ref: ActorRef[Any]) -> None:
+        self.connection_id = connection_id
+        self.session_id = session_id
+        self.user_id = user_id
+        #: the connection's actor (it may have stopped while the socket closes)
+        self.ref = ref
+
+
+def _live_actors(dispatcher: Any) -> list[ActorRef[Any]]:
+    """Live actors run by `dispatcher`, oldest first."""
+    return [
+        ref
+        for ref in pykka.ActorRegistry.get_all()
+        if ref.is_alive() and getattr(ref.actor_inbox, "dispatcher", None) is dispatcher
+    ]
+
+
+async def _stopped(ref: ActorRef[Any]) -> None:
+    with contextlib.suppress(pykka.ActorDeadError):
+        await ref.stop(block=False)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    remaining = counts.get(key, 0) - 1
+    if remaining > 0:
+        counts[key] = remaining
+    else:
+        counts.pop(key, None)

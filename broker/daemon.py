@@ -31,22 +31,21 @@ import time
 from types import FrameType
 from typing import Any
 
-import pykka
 import structlog
 import tornado.web
-from pykka import ActorRef, ActorRegistry
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from actors.connection import ConnectionActor
 from actors.messages import CloseConnection
 from actors.runtime import Dispatcher, LoopDispatcher, install_dispatcher
-from actors.session import SessionActor, control_frame
+from actors.wire import CloseCode, control_frame
 from broker.app import SERVER_MAX_BODY, make_app
 from broker.config import ConfigError, Settings, changed_keys, diff_for_reload, load_settings
 from broker.core import Broker
+from broker.descriptors import DescriptorBudget
 from broker.gc_tuning import THAW_CHECK_INTERVAL, GcPauses, freeze_startup
+from broker.listener import GuardedHTTPServer
 from broker.logs import configure_logging, set_level
 from broker.sdnotify import SdNotifier, watchdog_period
 
@@ -105,7 +104,11 @@ class Daemon:
         self.dispatcher = dispatcher
         broker = self.broker = Broker(settings)
         self.app = make_app(broker)
-        server = HTTPServer(self.app, max_body_size=SERVER_MAX_BODY, xheaders=False)
+        # Descriptors, timeouts and the accept back-off: docs/protocol.md section 5, "Sockets".
+        budget = broker.descriptors = DescriptorBudget.for_process(lambda: broker.settings.fd_reserve)
+        server = GuardedHTTPServer(
+            self.app, settings=lambda: broker.settings, budget=budget, max_body_size=SERVER_MAX_BODY, xheaders=False
+        )
         try:
             sockets = bind_sockets(settings.port, settings.host)
         except OSError as exc:
@@ -116,6 +119,7 @@ class Daemon:
             install_dispatcher(previous)
             return EXIT_CANNOT_LISTEN
         server.add_sockets(sockets)
+        budget.announce(settings.max_connections)
         self.port = sockets[0].getsockname()[1]
         self._install_signal_handlers()
         try:
@@ -190,15 +194,12 @@ class Daemon:
         )
         self.notifier.status(self.status_line())
         notice = control_frame({"type": "server_shutdown", "reconnect_after_ms": RECONNECT_AFTER_MS})
-        told: set[ActorRef[Any]] = set()
+        goodbye = CloseConnection(CloseCode.GOING_AWAY, "server shutdown")
+        told: set[str] = set()
         while True:
             # Listed again each round: a handshake that passed admission just
             # before draining began opens its connection a moment later.
-            for ref in self._actors(ConnectionActor):
-                if ref not in told:
-                    told.add(ref)
-                    _tell(ref, notice)
-                    _tell(ref, CloseConnection(1001, "server shutdown"))
+            told.update(broker.tell_connections(notice, goodbye, skip=told))
             if not self._clients_left() or loop.time() >= clients_deadline:
                 break
             await asyncio.sleep(DRAIN_POLL)
@@ -209,11 +210,10 @@ class Daemon:
                 sockets=broker.open_connections,
                 shutdown_timeout=timeout,
             )
-            for ref in self._actors(ConnectionActor):
-                _tell(ref, CloseConnection(1001, "server shutdown", immediately=True))
+            broker.close_all(CloseCode.GOING_AWAY, "server shutdown")
         else:
             log.info("clients_closed", seconds=round(timeout - (deadline - loop.time()), 3))
-        await self._stop_actors(deadline)
+        await broker.stop_actors(max(0.0, deadline - loop.time()))
         server.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), max(0.0, deadline - loop.time()))
@@ -223,29 +223,6 @@ class Daemon:
         broker = self.broker
         assert broker is not None
         return broker.stats.active_connections > 0 or broker.open_connections > 0
-
-    def _actors(self, actor_class: type[pykka.Actor] | None = None) -> list[ActorRef[Any]]:
-        """Live actors of this daemon's dispatcher, newest last (optionally of one class)."""
-        refs = ActorRegistry.get_all() if actor_class is None else ActorRegistry.get_by_class(actor_class)
-        return [r for r in refs if r.is_alive() and getattr(r.actor_inbox, "dispatcher", None) is self.dispatcher]
-
-    async def _stop_actors(self, deadline: float) -> None:
-        """Stop connections, then sessions, then anything else, each group awaited.
-
-        Connections first so that sessions see their connections leave (and
-        update the counters) before they go themselves.
-        """
-        loop = asyncio.get_running_loop()
-        for group in (ConnectionActor, SessionActor, None):
-            refs = list(reversed(self._actors(group)))
-            if not refs:
-                continue
-            futures = [_await_stop(ref) for ref in refs]
-            try:
-                await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                log.warning("actors_stop_timeout", kind=getattr(group, "__name__", "other"), count=len(refs))
-                return
 
     # -- reload ------------------------------------------------------------
 
@@ -383,16 +360,6 @@ class Daemon:
 
     def _send_status(self) -> None:
         self.notifier.status(self.status_line())
-
-
-def _tell(ref: ActorRef[Any], message: Any) -> None:
-    """Tell, accepting that the actor may have stopped meanwhile (a client that left)."""
-    with contextlib.suppress(pykka.ActorDeadError):
-        ref.tell(message)
-
-
-async def _await_stop(ref: ActorRef[Any]) -> None:
-    await ref.stop(block=False)
 
 
 def serve(settings: Settings, config_path: str | None = None) -> int:

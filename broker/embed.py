@@ -24,18 +24,20 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from pykka import ActorDeadError, ActorRef, ActorRegistry
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
-from actors.connection import ConnectionActor
-from actors.messages import CloseConnection
 from actors.runtime import LoopDispatcher, install_dispatcher
+from actors.wire import CloseCode
 from broker.app import SERVER_MAX_BODY, make_app
 from broker.config import Settings
 from broker.core import Broker
 
 __all__ = ["RunningBroker", "embedded_broker"]
+
+
+#: How long the broker's actors get to stop when the `async with` ends.
+STOP_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ async def embedded_broker(
     dispatcher = LoopDispatcher(IOLoop.current())
     previous = install_dispatcher(dispatcher)
     server: HTTPServer | None = None
+    broker: Broker | None = None
     try:
         broker = Broker(settings.replace(host=host, port=port))
         listening = _listen(host, port)
@@ -79,14 +82,9 @@ async def embedded_broker(
     finally:
         if server is not None:
             server.stop()
-        mine = [ref for ref in ActorRegistry.get_all() if getattr(ref.actor_inbox, "dispatcher", None) is dispatcher]
-        for ref in mine:
-            if isinstance(ref, ActorRef) and issubclass(ref.actor_class, ConnectionActor):
-                with contextlib.suppress(ActorDeadError):
-                    ref.tell(CloseConnection(1001, "server shutdown", immediately=True))
-        stops = [ref.stop(block=False) for ref in reversed(mine)]  # connections before their sessions
-        for stopped in stops:
-            await stopped
+        if broker is not None:
+            broker.close_all(CloseCode.GOING_AWAY, "server shutdown")
+            await broker.stop_actors(STOP_TIMEOUT)
         if server is not None:
             await server.close_all_connections()
         install_dispatcher(previous)

@@ -16,16 +16,14 @@ from typing import Any
 
 import jwt
 
+from actors.wire import CloseCode
 from broker.config import Settings
-
-UNAUTHORIZED = 4001
-FORBIDDEN = 4003
 
 
 class TokenError(Exception):
     """Why a token is refused; `code` is the WebSocket close code."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -57,28 +55,28 @@ class TokenVerifier:
     def verify(self, token: str | None, session_id: str, user_id: str | None) -> Grant:
         """The grant a token gives for this session, or TokenError."""
         if not token:
-            raise TokenError(UNAUTHORIZED, "a token is required")
+            raise TokenError(CloseCode.UNAUTHORIZED, "a token is required")
         try:
             claims = jwt.decode(
                 token, self.key, algorithms=self.algorithms, options={"require": ["exp", "sub", "sessions"]}
             )
         except jwt.ExpiredSignatureError as exc:
-            raise TokenError(UNAUTHORIZED, "token expired") from exc
+            raise TokenError(CloseCode.UNAUTHORIZED, "token expired") from exc
         except jwt.MissingRequiredClaimError as exc:
-            raise TokenError(UNAUTHORIZED, f"malformed token: no {exc.claim!r} claim") from exc
+            raise TokenError(CloseCode.UNAUTHORIZED, f"malformed token: no {exc.claim!r} claim") from exc
         except jwt.InvalidTokenError as exc:
-            raise TokenError(UNAUTHORIZED, "invalid token") from exc
+            raise TokenError(CloseCode.UNAUTHORIZED, "invalid token") from exc
         sub, sessions, exp = claims["sub"], claims["sessions"], claims["exp"]
         if not isinstance(sub, str) or not sub:
-            raise TokenError(UNAUTHORIZED, "malformed token: 'sub' must be a non-empty string")
+            raise TokenError(CloseCode.UNAUTHORIZED, "malformed token: 'sub' must be a non-empty string")
         if sessions != "*" and not (isinstance(sessions, list) and all(isinstance(s, str) for s in sessions)):
-            raise TokenError(UNAUTHORIZED, "malformed token: 'sessions' must be a list of ids or \"*\"")
+            raise TokenError(CloseCode.UNAUTHORIZED, "malformed token: 'sessions' must be a list of ids or \"*\"")
         if not isinstance(exp, int | float):
-            raise TokenError(UNAUTHORIZED, "malformed token: 'exp' must be a number")
+            raise TokenError(CloseCode.UNAUTHORIZED, "malformed token: 'exp' must be a number")
         if sessions != "*" and session_id not in sessions:
-            raise TokenError(FORBIDDEN, "token does not cover this session")
+            raise TokenError(CloseCode.FORBIDDEN, "token does not cover this session")
         if user_id is not None and user_id != sub:
-            raise TokenError(FORBIDDEN, "token names another user")
+            raise TokenError(CloseCode.FORBIDDEN, "token names another user")
         return Grant(sub, float(exp))
 
     def mint(self, user_id: str, sessions: list[str] | str, ttl: float = 3600.0) -> str | None:

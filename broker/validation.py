@@ -13,15 +13,14 @@ problem of every event in one 422, and nothing of a bad batch is published.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from actors.clock import iso_timestamp
 from actors.ids import new_event_id
+from actors.wire import RESERVED_FIELDS, SESSION_ID_RE, TYPE_PATTERN, TYPE_RE, iso_timestamp, session_id_problem
 
 __all__ = [
     "MAX_BATCH_EVENTS",
@@ -39,16 +38,6 @@ __all__ = [
     "normalize_timestamp",
     "parse_body",
 ]
-
-# `\Z` rather than `$`: `$` also matches before a trailing newline, so
-# `TYPE_RE.match("task\n")` would pass. With `\Z`, `match`, `fullmatch` and
-# `search` all agree, whichever one a caller reaches for.
-TYPE_RE: re.Pattern[str] = re.compile(r"^[a-z][a-z0-9_.]{0,63}\Z")
-SESSION_ID_RE: re.Pattern[str] = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
-
-#: Top-level names the broker adds to every delivered message (section 2);
-#: a publisher using them would make `seq` / `epoch` ambiguous for clients.
-RESERVED_FIELDS: frozenset[str] = frozenset({"seq", "epoch"})
 
 #: Known event types and the payload fields each requires (section 1 table).
 #: Types not listed here are accepted with any payload.
@@ -364,7 +353,7 @@ def _type_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
     if not isinstance(event_type, str):
         return [("type", "must be a string")]
     if not TYPE_RE.match(event_type):
-        return [("type", "must match ^[a-z][a-z0-9_.]{0,63}$")]
+        return [("type", f"must match {TYPE_PATTERN}")]
     return []
 
 
@@ -376,9 +365,9 @@ def _session_problems(item: Mapping[str, Any], path_session: str | None) -> list
         return []
     if "session_id" not in item:
         return [("session_id", "is required")]
-    value = item["session_id"]
-    if not isinstance(value, str) or not SESSION_ID_RE.match(value):
-        return [("session_id", "must be a string matching ^[A-Za-z0-9_.:-]{1,128}$")]
+    problem = session_id_problem(item["session_id"])
+    if problem is not None:
+        return [("session_id", problem.removeprefix("session_id "))]
     return []
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from actors.wire import TYPE_PATTERN, TYPE_RE, session_id_problem
 from broker.validation import (
-    SESSION_ID_RE,
-    TYPE_RE,
     BadRequest,
     UnsupportedMediaType,
     ValidationFailed,
@@ -52,8 +51,8 @@ class ResearchStartHandler(JsonObjectHandler):
         if user_id is not None and (not isinstance(user_id, str) or not 0 < len(user_id) <= 128):
             details.append({"index": 0, "field": "user_id", "error": "user_id must be a string of 1 to 128 characters"})
         session_id = body.get("session_id")
-        if session_id is not None and (not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id)):
-            details.append({"index": 0, "field": "session_id", "error": "session_id must match [A-Za-z0-9_.:-]{1,128}"})
+        if session_id is not None and (problem := session_id_problem(session_id)) is not None:
+            details.append({"index": 0, "field": "session_id", "error": problem})
         if details:
             self.reject(details)
             return
@@ -87,7 +86,7 @@ class BroadcastHandler(JsonObjectHandler):
         details = []
         mtype = body.get("type", "system_notification")
         if not isinstance(mtype, str) or not TYPE_RE.match(mtype):
-            details.append({"index": 0, "field": "type", "error": "type must match ^[a-z][a-z0-9_.]{0,63}$"})
+            details.append({"index": 0, "field": "type", "error": f"type must match {TYPE_PATTERN}"})
         if mtype == "system_notification" and not isinstance(body.get("message"), str):
             details.append({"index": 0, "field": "message", "error": "message must be a string"})
         exclude = body.get("exclude", [])

@@ -19,9 +19,9 @@ from tornado.iostream import StreamClosedError
 
 from actors.filters import FilterError, parse_events_param
 from actors.messages import ClientMessage, Frame, TransportClosed
-from broker.core import Broker
+from actors.wire import CloseCode, session_id_problem
+from broker.core import Broker, OpenConnection
 from broker.tokens import TokenError, TokenVerifier, looks_like_jwt, unverified_subject
-from broker.validation import SESSION_ID_RE
 from handlers.base import RequestIdMixin
 from handlers.origins import origin_allowed
 
@@ -70,7 +70,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
 
     def initialize(self, broker: Broker) -> None:
         self.broker = broker
-        self.connection: Any = None
+        self.connection: OpenConnection | None = None
         self.session_id: str | None = None
         self.user_id: str | None = None
         self.transport: SocketTransport | None = None
@@ -139,7 +139,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         try:
             params = self._parse(*args)
         except HandshakeError as exc:
-            self.close(1008, str(exc)[:120])
+            self.close(CloseCode.POLICY_VIOLATION, str(exc)[:120])
             return
         tokens = self.broker.tokens
         if tokens.required:
@@ -156,7 +156,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         self.user_id = params["user_id"]
         self.transport = SocketTransport(self)
         self.connection = self.broker.open_connection(
-            greeting_type=self.greeting_type, transport=self.transport, **params
+            greeting_type=self.greeting_type, transport=self.transport, remote_ip=self.request.remote_ip, **params
         )
 
     def _parse(self, *args: Any) -> dict[str, Any]:
@@ -167,8 +167,9 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         session_id = self._raw_session_id(*args)
         if not session_id:
             raise HandshakeError("session_id is required")
-        if not SESSION_ID_RE.match(session_id):
-            raise HandshakeError("session_id must match [A-Za-z0-9_.:-]{1,128}")
+        problem = session_id_problem(session_id)
+        if problem is not None:
+            raise HandshakeError(problem)
         user_id = self.get_query_argument("user_id", None) or None  # empty means absent
         if user_id is not None and len(user_id) > 128:
             raise HandshakeError("user_id must be at most 128 characters")
@@ -203,20 +204,21 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> None:
         if _too_big(message, self.broker.settings.max_message_size):
-            self.close(1009, "message too big")
+            self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
             return
         connection = self.connection
-        if connection is not None and connection.is_alive():  # frames after our close are dropped
+        if connection is not None and connection.ref.is_alive():  # frames after our close are dropped
             with contextlib.suppress(ActorDeadError):
-                connection.tell(ClientMessage(message))
+                connection.ref.tell(ClientMessage(message))
 
     def on_close(self) -> None:
         self.transport = None  # handler <-> transport is a cycle; the actor keeps what it needs
-        if self.connection is not None:
-            if self.connection.is_alive():
-                self.connection.tell(TransportClosed())
-            self.broker.connection_closed(self.session_id or "", self.user_id)
-            self.connection = None
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            if connection.ref.is_alive():
+                with contextlib.suppress(ActorDeadError):
+                    connection.ref.tell(TransportClosed(self.close_code, self.close_reason))
+            self.broker.connection_closed(connection)
 
 
 def websocket_frame(payload: bytes) -> bytes:

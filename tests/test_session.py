@@ -52,7 +52,7 @@ class World:
             epoch=epoch,
             greeting_type="connected",
             transport=transport,
-        )
+        ).ref
         self.h.run_until_idle()
         return ref, transport
 

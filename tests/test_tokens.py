@@ -155,7 +155,7 @@ def connect_with_token(harness: Any, broker: Broker, expires_at: float) -> tuple
         transport=transport,
         expires_at=expires_at,
         refresh=refresh,
-    )
+    ).ref
     harness.run_until_idle()
     return ref, transport
 
