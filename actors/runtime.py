@@ -2,11 +2,12 @@
 
 `pykka.ThreadingActor` gives every actor an OS thread; past a few thousand
 actors that costs more in context switches and memory than the work itself
-(see DESIGN.md). `LoopActor` keeps pykka's API and semantics (`start`,
-`tell`, `ask`, proxies, `on_start` / `on_stop` / `on_failure`, `stop`,
-`ActorRegistry`) but its inbox, on `put`, only marks the actor ready on a
-`Dispatcher`; the dispatcher runs a bounded batch of each ready actor's
-messages in turn on a single thread.
+(`make bench-actors` shows both; README.md, "The actor runtime").
+`LoopActor` keeps pykka's API and semantics (`start`, `tell`, `ask`,
+proxies, `on_start` / `on_stop` / `on_failure`, `stop`, `ActorRegistry`)
+but its inbox, on `put`, only marks the actor ready on a `Dispatcher`; the
+dispatcher runs a bounded batch of each ready actor's messages in turn on a
+single thread.
 
 The runtime is five modules, one concern each:
 
