@@ -10,7 +10,8 @@ protocol. Its orchestrator then publishes straight into the broker:
 * `await broker.publish_events(...)` on the loop (validated; returns the seqs);
 * `broker.emit(...)` from any other thread (fire-and-forget; order kept per thread).
 
-A WebSocket client, connected like any browser would be, prints what it gets.
+A `broker.client.follow` stream, connected over the wire like any remote
+client, prints what it gets.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import asyncio
 import time
 
 import orjson
-from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from broker import events
+from broker.client import follow
 from broker.core import Broker
 from broker.embed import embedded_broker
 from broker.logs import configure_logging
@@ -57,30 +58,31 @@ async def orchestrator(broker: Broker) -> None:
 ENVELOPE = {"type", "session_id", "seq", "epoch", "timestamp", "event_id", "correlation_id"}
 
 
-async def client(connection: WebSocketClientConnection) -> int:
-    """Follow the session until session_completed; return how many session events came."""
+async def client(url: str) -> int:
+    """Follow the session until session_completed, as any remote client would; return how many events came."""
     received = 0
-    while True:
-        message = orjson.loads(await connection.read_message())
-        if "seq" not in message:  # connection-level: connection_established, keepalive
-            print(f"client: {message['type']}")
-            continue
-        received += 1
-        payload = {k: v for k, v in message.items() if k not in ENVELOPE}
-        print(f"client: seq={message['seq']:<2} {message['type']:<17} {orjson.dumps(payload).decode()}")
-        if message["type"] == "session_completed":
-            return received
+    async with follow(url, SESSION, endpoint="research") as stream:
+        assert stream.greeting is not None
+        print(f"client: {stream.greeting['type']}")
+        async for message in stream:
+            if "seq" not in message:  # a broadcast or a gap notice
+                print(f"client: {message['type']}")
+                continue
+            received += 1
+            payload = {k: v for k, v in message.items() if k not in ENVELOPE}
+            print(f"client: seq={message['seq']:<2} {message['type']:<17} {orjson.dumps(payload).decode()}")
+            if message["type"] == "session_completed":
+                break
+    return received
 
 
 async def main(port: int) -> None:
     configure_logging("warning")  # the broker's own log lines, warnings only
     async with embedded_broker(host="127.0.0.1", port=port) as running:
-        # A client connected like any browser would be (a later one would get the history: replay=all).
-        connection = await websocket_connect(f"ws://127.0.0.1:{running.port}/ws/research/{SESSION}")
-        following = asyncio.create_task(client(connection))
+        # A client connected over the wire like any other (a later one would get the history: replay=all).
+        following = asyncio.create_task(client(running.url))
         await orchestrator(running.broker)
         received = await asyncio.wait_for(following, 10)
-        connection.close()
     print(f"done: the client received {received} events")
 
 

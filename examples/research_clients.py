@@ -2,9 +2,9 @@
 
     python examples/research_clients.py [--url http://127.0.0.1:8050]
 
-Starts a run with `POST /api/research/start`, then connects three clients to
-the returned `ws_url`, each with its own filter, the way the three research
-UIs do:
+Starts a run with `POST /api/research/start`, then follows the returned
+session with three `broker.client.follow` streams on `/ws/research/{id}`,
+each with its own filter, the way the three research UIs do:
 
     desktop    events=all        every event
     mobile     events=essential  lifecycle only
@@ -25,11 +25,11 @@ import sys
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import urlencode
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import websocket_connect
+
+from broker.client import follow
 
 CLIENTS = (("desktop", "all"), ("mobile", "essential"), ("dashboard", "planning"))
 
@@ -65,30 +65,31 @@ def describe(message: dict[str, Any]) -> str:
     return message.get("status", "")
 
 
-async def follow(name: str, events: str, ws_url: str, deadline: float) -> tuple[Counter[str], bool]:
-    """Read one client's messages until session_completed; return counts by type, and whether it ended."""
-    query = urlencode({"events": events, "user_id": name})
-    connection = await websocket_connect(f"{ws_url}?{query}", connect_timeout=10)
+async def watch(name: str, events: str, url: str, session_id: str, deadline: float) -> tuple[Counter[str], bool]:
+    """Follow the run as one client until session_completed; return counts by type, and whether it ended.
+
+    `broker.client.follow` keeps the client's place: a dropped connection is
+    resumed where it left off, so the counts are exact even on a bad network.
+    """
     counts: Counter[str] = Counter()
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return counts, False
-            try:
-                raw = await asyncio.wait_for(connection.read_message(), remaining)
-            except TimeoutError:
-                return counts, False
-            if raw is None:  # the server closed the connection
-                return counts, False
-            message = orjson.loads(raw)
-            counts[message["type"]] += 1
-            seq = f"seq={message['seq']:<3}" if "seq" in message else " " * 7
-            print(f"{name:<9} {seq} {message['type']:<22} {describe(message)}", flush=True)
-            if message["type"] == "session_completed":
-                return counts, True
-    finally:
-        connection.close()
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            async with follow(url, session_id, endpoint="research", events=events, user_id=name) as stream:
+                assert stream.greeting is not None
+                show(name, stream.greeting, counts)
+                async for message in stream:
+                    show(name, message, counts)
+                    if message["type"] == "session_completed":
+                        return counts, True
+    except TimeoutError:
+        pass
+    return counts, False
+
+
+def show(name: str, message: dict[str, Any], counts: Counter[str]) -> None:
+    counts[message["type"]] += 1
+    seq = f"seq={message['seq']:<3}" if "seq" in message else " " * 7
+    print(f"{name:<9} {seq} {message['type']:<22} {describe(message)}", flush=True)
 
 
 def print_summary(results: dict[str, Counter[str]]) -> None:
@@ -115,10 +116,13 @@ async def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the run to complete")
     args = parser.parse_args()
 
-    run = await start_run(args.url.rstrip("/"), args.query)
+    url = args.url.rstrip("/")
+    run = await start_run(url, args.query)
     print(f"started session {run['session_id']}: {run['ws_url']}", flush=True)
     deadline = time.monotonic() + args.timeout
-    outcomes = await asyncio.gather(*(follow(name, events, run["ws_url"], deadline) for name, events in CLIENTS))
+    outcomes = await asyncio.gather(
+        *(watch(name, events, url, run["session_id"], deadline) for name, events in CLIENTS)
+    )
     results = {name: counts for (name, _), (counts, _) in zip(CLIENTS, outcomes, strict=True)}
     print_summary(results)
     missed = [name for (name, _), (_, completed) in zip(CLIENTS, outcomes, strict=True) if not completed]
