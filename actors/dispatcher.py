@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pykka import ActorRef, ActorRegistry
+
 from actors.future import BlockingGetError
 from actors.registry import install_fast_registry
 
@@ -132,6 +134,20 @@ class Dispatcher:
     @property
     def idle(self) -> bool:
         return not self._ready
+
+    def actors(self, actor_class: type | None = None) -> list[ActorRef[Any]]:
+        """Live actors this dispatcher runs, oldest first (optionally only those of `actor_class`).
+
+        A scan of pykka's registry, for shutdown, metrics and tests: never on
+        a per-message path. Thread-safe (the registry locks).
+        """
+        return [
+            ref
+            for ref in ActorRegistry.get_all()
+            if getattr(ref.actor_inbox, "dispatcher", None) is self
+            and ref.is_alive()
+            and (actor_class is None or issubclass(ref.actor_class, actor_class))
+        ]
 
     def ready_count(self) -> int:
         return len(self._ready)

@@ -302,7 +302,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for group in (ConnectionActor, SessionActor, None):
-            live = reversed(_live_actors(self._dispatcher))
+            live = reversed(self._dispatcher.actors())
             refs = [ref for ref in live if group is None or ref.actor_class is group]
             if not refs:
                 continue
@@ -384,15 +384,6 @@ class OpenConnection:
         self.user_id = user_id
         #: the connection's actor (it may have stopped while the socket closes)
         self.ref = ref
-
-
-def _live_actors(dispatcher: Any) -> list[ActorRef[Any]]:
-    """Live actors run by `dispatcher`, oldest first."""
-    return [
-        ref
-        for ref in pykka.ActorRegistry.get_all()
-        if ref.is_alive() and getattr(ref.actor_inbox, "dispatcher", None) is dispatcher
-    ]
 
 
 async def _stopped(ref: ActorRef[Any]) -> None:

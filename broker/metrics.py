@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from pykka import ActorRegistry
 
 from actors.connection import ConnectionActor
 from actors.runtime import Dispatcher, current_dispatcher
@@ -37,6 +36,7 @@ from actors.stats import LatencyHistogram
 
 if TYPE_CHECKING:
     from broker.core import Broker
+    from broker.descriptors import DescriptorBudget
 
 __all__ = ["BrokerCollector", "broker_registry"]
 
@@ -100,6 +100,8 @@ class BrokerCollector:
             refusals.add_metric([limit], s.refusals.get(limit, 0))
         yield refusals
         yield _latency(s.write_latency)
+        if broker.descriptors is not None:
+            yield from _descriptor_metrics(broker.descriptors)
         if broker.gc_pauses is not None:
             pauses = broker.gc_pauses.by_generation
             for generation, histogram in enumerate(pauses):
@@ -142,10 +144,8 @@ class BrokerCollector:
         counts["other"] = 0
         pending = 0
         deepest = 0
-        for ref in ActorRegistry.get_all():
+        for ref in dispatcher.actors():
             inbox = ref.actor_inbox
-            if getattr(inbox, "dispatcher", None) is not dispatcher:
-                continue
             kind = _KINDS.get(ref.actor_class, "other")
             counts[kind] += 1
             depth = len(inbox)  # type: ignore[arg-type]
@@ -178,7 +178,36 @@ def broker_registry(broker: Broker, dispatcher: Dispatcher | None = None, *, pro
     return registry
 
 
-LIMITS = ("max_connections", "max_connections_per_session", "max_connections_per_user", "max_sessions")
+LIMITS = ("max_connections", "max_connections_per_session", "max_connections_per_user", "max_sessions", "fd_budget")
+
+
+def _descriptor_metrics(descriptors: DescriptorBudget) -> Iterator[Metric]:
+    """The daemon's descriptors (docs/protocol.md section 5, "Sockets"), counted afresh at each scrape."""
+    yield _gauge("broker_descriptors_in_use", "Open file descriptors of the process.", descriptors.recount())
+    yield _gauge(
+        "broker_descriptors_budget",
+        "Descriptors WebSocket and SSE connections may bring the total to (open-file limit minus fd_reserve).",
+        descriptors.budget,
+    )
+    yield _gauge("broker_descriptors_limit", "The process's open-file limit (RLIMIT_NOFILE).", descriptors.limit)
+    yield _counter(
+        "broker_accept_failures",
+        "accept() calls that failed (out of descriptors: EMFILE, ENFILE); each pauses accepting briefly.",
+        descriptors.accept_failures,
+    )
+    yield _counter(
+        "broker_connections_shed",
+        "Connections waiting for a request that were closed to make room past the descriptor budget.",
+        descriptors.shed,
+    )
+    timeouts = CounterMetricFamily(
+        "broker_connection_timeouts",
+        "HTTP connections closed for a timeout: headers (header_timeout), idle or body (idle_timeout).",
+        labels=["phase"],
+    )
+    for phase, count in descriptors.timeouts.items():
+        timeouts.add_metric([phase], count)
+    yield timeouts
 
 
 def _latency(histogram: LatencyHistogram) -> HistogramMetricFamily:

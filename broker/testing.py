@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from pykka import ActorRef, ActorRegistry
+from pykka import ActorRef
 
 from actors.clock import ManualClock
 from actors.runtime import DEFAULT_BATCH, Dispatcher, LoopActor, LoopFuture, install_dispatcher
@@ -226,11 +226,7 @@ class ActorHarness:
 
     def actors(self) -> list[ActorRef[Any]]:
         """Running actors that live on this harness's dispatcher."""
-        return [
-            ref
-            for ref in ActorRegistry.get_all()
-            if getattr(ref.actor_inbox, "dispatcher", None) is self.dispatcher
-        ]
+        return self.dispatcher.actors()
 
     def stop_all(self) -> None:
         for ref in reversed(self.actors()):

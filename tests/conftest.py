@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pykka import ActorRegistry
 from tornado.httpserver import HTTPServer
 
 from actors.runtime import LoopDispatcher, install_dispatcher
@@ -34,9 +33,8 @@ def broker(io_loop, settings):
     b = Broker(settings)
     b.ready = True
     yield b
-    for ref in reversed(ActorRegistry.get_all()):
-        if getattr(ref.actor_inbox, "dispatcher", None) is dispatcher and ref.is_alive():
-            ref.stop(block=False)
+    for ref in reversed(dispatcher.actors()):
+        ref.stop(block=False)
     io_loop.run_sync(lambda: asyncio.sleep(0))  # noqa: sleep - one loop turn so the stops run
     install_dispatcher(previous)
 
