@@ -493,3 +493,37 @@ async def test_server_shutdown_is_honoured_and_the_restarted_daemon_is_followed_
         first.stop()
         if second is not None:
             second.stop()
+
+
+@with_settings(max_queue_bytes=65_536, buffer_size=2_000)
+async def test_a_slow_consumer_closed_4008_reconnects_and_loses_nothing(base, publisher):
+    blob = "x" * 16_000
+    total = 600
+    async with follow(base, "slow1", backoff=FAST, max_pending=5) as stream:
+        # The application reads nothing while 9.6 MB are published: the stream stops reading
+        # the socket, the broker's queue for it overflows, and it closes the connection 4008.
+        for start in range(0, total, 50):
+            await publisher.publish_many([{**e, "blob": blob} for e in ticks(50, start)], session_id="slow1")
+        received = await take_until_seq(stream, total, timeout=30)
+    assert [m["seq"] for m in received] == list(range(1, total + 1))
+    assert 4008 in [d.code for d in stream.disconnects], stream.disconnects
+
+
+@with_settings(max_queue_bytes=200_000, buffer_size=2_000)
+async def test_a_seq_hole_without_a_gap_is_refetched_not_skipped(base, publisher):
+    # A slow client's queue is compacted: a waiting task_progress is dropped when a newer one
+    # for the same task waits behind it (docs/protocol.md section 3.9). The seqs that reach the
+    # socket then skip numbers with no gap; the stream must fetch them again, not skip them.
+    total = 600
+    events = [
+        {"type": "task_progress", "task_id": "t1", "progress": i % 100, "current_action": f"{i} " + "x" * 16_000}
+        for i in range(total)
+    ]
+    async with follow(base, "hole1", backoff=FAST, max_pending=5) as stream:
+        for start in range(0, total, 50):
+            await publisher.publish_many(events[start : start + 50], session_id="hole1")
+        received = await take_until_seq(stream, total, timeout=30)
+    assert [m["seq"] for m in received] == list(range(1, total + 1))
+    assert [int(m["current_action"].split()[0]) for m in received] == list(range(total))
+    assert stream.resyncs >= 1
+    assert 4008 not in [d.code for d in stream.disconnects]  # compaction sufficed: the holes were the only trouble
