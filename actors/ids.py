@@ -19,6 +19,11 @@ def new_request_id() -> str:
     return f"r-{_PREFIX}{next(_counter):012x}"
 
 
+def new_epoch() -> str:
+    """A fresh epoch for a session's history: random, so a restarted process never reuses one."""
+    return "e-" + secrets.token_hex(8)
+
+
 def new_event_id() -> str:
     """An id for an event (event_id, correlation_id): `ev-` and hex digits."""
     return f"ev-{_PREFIX}{next(_counter):012x}"

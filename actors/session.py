@@ -12,16 +12,16 @@ never in the wrong order, because both happen in this one actor.
 from __future__ import annotations
 
 import contextlib
-import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from pykka import ActorDeadError
 
+from actors.dedup import DedupWindow
 from actors.filters import FilterError
 from actors.history import MemoryHistory
+from actors.ids import new_epoch
 from actors.messages import (
     Attach,
     BroadcastFrame,
@@ -41,6 +41,7 @@ from actors.messages import (
     encode,
 )
 from actors.query_run import QueryRunner
+from actors.replay import BeyondNewestError, greeting_frame, replay_frames
 from actors.runtime import LoopActor
 from actors.throttle import ProgressThrottle, Verdict
 from actors.wire import CloseCode, control_frame, error_frame, iso_timestamp
@@ -56,15 +57,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("actor_broker.session")
 
 _FINISHING = frozenset({"task_completed", "task_failed"})
-
-
-def new_epoch() -> str:
-    return "e-" + uuid.uuid4().hex[:16]
-
-
-def _plain_number(value: float) -> float | int:
-    """25.0 -> 25: settings are floats, the wire shows whole seconds as integers."""
-    return int(value) if float(value).is_integer() else value
 
 
 class _Member:
@@ -91,12 +83,8 @@ class SessionActor(LoopActor):
         self._settings = settings
         self.throttle = ProgressThrottle(settings.min_delta, settings.max_interval_ms / 1000)
         self.members: dict[str, _Member] = {}
-        # Idempotent publishing: event_id -> the seq it got (None while held or
-        # if discarded), and the ids in the order they came, to forget them
-        # after dedup_window. Only strings, numbers and tuples of them: the
-        # garbage collector need not walk a window of 300 s of events.
-        self.accepted: dict[str, int | None] = {}
-        self.accepted_order: deque[tuple[float, str]] = deque()
+        #: idempotent publishing: the event ids accepted within dedup_window
+        self.accepted = DedupWindow()
         self.created_at = self.clock.time()
         self.last_event_at: float | None = None
         self.last_activity = self.clock.monotonic()
@@ -125,7 +113,7 @@ class SessionActor(LoopActor):
     def _forget(self) -> None:
         self.queries.abandon()
         self.directory.remove(self.session_id, self.actor_ref)
-        self._set_buffered(0)
+        self.stats.buffered_changed(len(self.history), 0)
         self.stats.connected_sessions.discard(self.session_id)
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
@@ -160,12 +148,12 @@ class SessionActor(LoopActor):
         self.throttle.max_interval = settings.max_interval_ms / 1000
         before = len(self.history)
         if self.history.resize(settings.buffer_size):
-            self._set_buffered(len(self.history), before)
+            self.stats.buffered_changed(before, len(self.history))
 
     def publish(self, events: list[dict[str, Any]]) -> list[int | None]:
         self._follow_settings()
         now = self.clock.monotonic()
-        self._prune_accepted(now)
+        self.accepted.forget_before(now - self.settings.dedup_window)
         seqs: list[int | None] = []
         for event in events:
             seqs.append(self._publish_one(event, now))
@@ -175,10 +163,9 @@ class SessionActor(LoopActor):
 
     def _publish_one(self, event: dict[str, Any], now: float) -> int | None:
         event_id = event["event_id"]
-        if event_id in self.accepted:
-            return self.accepted[event_id]
-        self.accepted[event_id] = None
-        self.accepted_order.append((now, event_id))
+        if self.accepted.seen(event_id):
+            return self.accepted.seq_of(event_id)
+        self.accepted.accept(event_id, now)
         self.stats.total_events_received += 1
         etype = event["type"]
         if etype == "task_progress":
@@ -226,10 +213,8 @@ class SessionActor(LoopActor):
         before = len(self.history)
         evicted = self.history.append(frame)
         if evicted or len(self.history) != before:
-            self._set_buffered(len(self.history), before)
-        event_id = event["event_id"]
-        if event_id in self.accepted:
-            self.accepted[event_id] = seq
+            self.stats.buffered_changed(before, len(self.history))
+        self.accepted.assign(event["event_id"], seq)
         departed = None
         for member in self.members.values():
             if member.filter.admits(etype):
@@ -244,22 +229,6 @@ class SessionActor(LoopActor):
             for connection_id in departed:
                 self.detach(connection_id)
         return seq
-
-    def _set_buffered(self, size: int, before: int | None = None) -> None:
-        if before is None:
-            before = len(self.history)
-        stats = self.stats
-        stats.total_buffered_messages += size - before
-        if before == 0 and size > 0:
-            stats.sessions_with_buffer += 1
-        elif before > 0 and size == 0:
-            stats.sessions_with_buffer -= 1
-
-    def _prune_accepted(self, now: float) -> None:
-        horizon = now - self.settings.dedup_window
-        order = self.accepted_order
-        while order and order[0][0] < horizon:
-            self.accepted.pop(order.popleft()[1], None)
 
     # -- queries ---------------------------------------------------------------
 
@@ -296,59 +265,31 @@ class SessionActor(LoopActor):
     # -- connections -------------------------------------------------------
 
     def attach(self, request: Attach) -> None:
-        history = self.history
-        frames: list[Frame] = []
-        replay: list[Frame]
-        if request.last_seq is not None:
-            if request.epoch is not None and request.epoch != self.epoch:
-                frames.append(self._gap(1, None))
-                replay = list(history)
-            elif request.last_seq > history.last_seq:
-                beyond = "last_seq is beyond the session's newest seq"
-                self._reply(request.connection, CloseConnection(CloseCode.POLICY_VIOLATION, beyond, immediately=True))
-                if self._untouched():
-                    self._end()  # made for this refused handshake: leave nothing behind
-                return
-            else:
-                if request.last_seq + 1 < history.first_seq:
-                    frames.append(self._gap(request.last_seq + 1, history.first_seq - 1))
-                replay = history.since(request.last_seq)
-        elif request.replay == "all":
-            replay = list(history)
-        elif request.replay == "missed":
-            replay = [f for f in history if not f.delivered]
-        else:
-            replay = []
-        admits = request.filter.admits
-        replay = [f for f in replay if admits(f.type)]
-        for frame in replay:
-            frame.delivered = True
-        greeting = control_frame(
-            {
-                "type": request.greeting_type,
-                "message": "WebSocket connection established",
-                "session_id": self.session_id,
-                "connection_id": request.connection_id,
-                "user_id": request.user_id,
-                "events": request.filter.echo(),
-                "epoch": self.epoch,
-                "last_seq": history.last_seq,
-                "keepalive_interval": _plain_number(self.settings.keepalive_interval),
-                "timestamp": iso_timestamp(self.clock.time()),
-            }
-        )
         try:
-            request.connection.tell(Replay([greeting, *frames, *replay]))
+            replayed = replay_frames(
+                self.history,
+                self.epoch,
+                request.filter,
+                replay=request.replay,
+                last_seq=request.last_seq,
+                client_epoch=request.epoch,
+            )
+        except BeyondNewestError as exc:
+            self._reply(request.connection, CloseConnection(CloseCode.POLICY_VIOLATION, str(exc), immediately=True))
+            if self._untouched():
+                self._end()  # made for this refused handshake: leave nothing behind
+            return
+        keepalive, at = self.settings.keepalive_interval, self.clock.time()
+        greeting = greeting_frame(request, self.session_id, self.epoch, self.history.last_seq, keepalive, at)
+        try:
+            request.connection.tell(Replay([greeting, *replayed]))
         except ActorDeadError:
             return  # it left before it was attached
         self.members[request.connection_id] = _Member(
             request.connection, request.connection_id, request.user_id, request.filter
         )
         self.stats.connected_sessions.add(self.session_id)
-        self.log.debug("connection_attached", connection_id=request.connection_id, replayed=len(replay))
-
-    def _gap(self, from_seq: int, to_seq: int | None) -> Frame:
-        return control_frame({"type": "gap", "from_seq": from_seq, "to_seq": to_seq, "epoch": self.epoch})
+        self.log.debug("connection_attached", connection_id=request.connection_id, replayed=len(replayed))
 
     def detach(self, connection_id: str) -> None:
         if self.members.pop(connection_id, None) is not None:
@@ -370,12 +311,8 @@ class SessionActor(LoopActor):
         except FilterError as exc:  # the connection validated; presets may have changed since
             self._tell(member, error_frame("bad_message", str(exc), self.clock.time()))
             return
-        self._tell(
-            member,
-            control_frame(
-                {"type": "subscribed", "events": member.filter.echo(), "timestamp": iso_timestamp(self.clock.time())}
-            ),
-        )
+        at = iso_timestamp(self.clock.time())
+        self._tell(member, control_frame({"type": "subscribed", "events": member.filter.echo(), "timestamp": at}))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -383,12 +320,7 @@ class SessionActor(LoopActor):
             "epoch": self.epoch,
             "last_seq": self.history.last_seq,
             "connections": [
-                {
-                    "connection_id": m.connection_id,
-                    "user_id": m.user_id,
-                    "events": m.filter.echo(),
-                    "ref": m.ref,
-                }
+                {"connection_id": m.connection_id, "user_id": m.user_id, "events": m.filter.echo(), "ref": m.ref}
                 for m in self.members.values()
             ],
             "buffered_messages": len(self.history),
@@ -400,14 +332,9 @@ class SessionActor(LoopActor):
 
     def close(self) -> bool:
         """DELETE: every client gets session_closed, then close 1000; the history is gone."""
-        notice = control_frame(
-            {
-                "type": "session_closed",
-                "session_id": self.session_id,
-                "reason": "deleted",
-                "timestamp": iso_timestamp(self.clock.time()),
-            }
-        )
+        at = iso_timestamp(self.clock.time())
+        closed = {"type": "session_closed", "session_id": self.session_id, "reason": "deleted", "timestamp": at}
+        notice = control_frame(closed)
         for member in list(self.members.values()):
             if self._tell(member, notice):
                 self._tell(member, CloseConnection(CloseCode.NORMAL, "session closed"))

@@ -68,6 +68,14 @@ class BrokerStats:
         #: from the session making a message to its connection handing it to the socket
         self.write_latency = LatencyHistogram()
 
+    def buffered_changed(self, before: int, after: int) -> None:
+        """A session's history went from `before` to `after` messages."""
+        self.total_buffered_messages += after - before
+        if before == 0 and after > 0:
+            self.sessions_with_buffer += 1
+        elif before > 0 and after == 0:
+            self.sessions_with_buffer -= 1
+
     def wrote(self, frames: list[Frame], now: float) -> None:
         """A connection handed these frames to its transport at monotonic time `now`."""
         self.total_messages_sent += len(frames)
