@@ -33,6 +33,19 @@ class LatencyHistogram:
         self.total += seconds
 
 
+#: Every limit that refuses a handshake or a publish, as /metrics names it
+#: (`broker_limit_refusals{limit=...}`); `BrokerStats.refused` takes no other name.
+LIMITS = (
+    "max_connections",
+    "max_connections_per_session",
+    "max_connections_per_user",
+    "max_sessions",
+    "max_body_size",
+    "max_batch_events",
+    "fd_budget",
+)
+
+
 class BrokerStats:
     __slots__ = (
         "active_connections",
@@ -85,4 +98,7 @@ class BrokerStats:
                 observe(now - frame.born)
 
     def refused(self, limit: str) -> None:
+        """Count one refusal by `limit` (one of LIMITS: a name /metrics does not export is a bug)."""
+        if limit not in LIMITS:
+            raise ValueError(f"{limit!r} is not a limit /metrics exports")
         self.refusals[limit] = self.refusals.get(limit, 0) + 1

@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from actors.connection import ConnectionActor
 from actors.runtime import Dispatcher, current_dispatcher
 from actors.session import SessionActor
-from actors.stats import LatencyHistogram
+from actors.stats import LIMITS, LatencyHistogram
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -176,9 +176,6 @@ def broker_registry(broker: Broker, dispatcher: Dispatcher | None = None, *, pro
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
     return registry
-
-
-LIMITS = ("max_connections", "max_connections_per_session", "max_connections_per_user", "max_sessions", "fd_budget")
 
 
 def _descriptor_metrics(descriptors: DescriptorBudget) -> Iterator[Metric]:
