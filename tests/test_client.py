@@ -27,6 +27,7 @@ from tornado.testing import bind_unused_port
 from broker.client import (
     Backoff,
     Gap,
+    GaveUpError,
     Publisher,
     PublishError,
     QueryBusyError,
@@ -227,6 +228,27 @@ async def test_subscribe_and_unsubscribe_change_the_filter_and_survive_a_reconne
             session_id="sub1",
         )
         assert [m["type"] for m in await take(stream, 1)] == ["task_completed"]
+
+
+async def test_a_deleted_session_ends_the_stream_after_session_closed(base, publisher):
+    async with follow(base, "del1", backoff=FAST) as stream:
+        await publisher.publish("del1", {"type": "tick", "n": 0})
+        await take(stream, 1)
+        await AsyncHTTPClient().fetch(f"{base}/api/sessions/del1", method="DELETE")
+        (closed,) = await take(stream, 1)
+        assert (closed["type"], closed["reason"]) == ("session_closed", "deleted")
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(stream.__anext__(), WAIT)
+    assert stream.connections == 1  # it did not come back and make the session again
+    assert (await session_info(base, "del1")) == {"error": "no session 'del1'"}
+
+
+async def test_an_unreachable_broker_gives_up_after_max_retries():
+    with pytest.raises(GaveUpError) as gave_up:
+        async with follow(f"http://127.0.0.1:{closed_port()}", "s1", backoff=FAST, max_retries=2):
+            pass
+    assert gave_up.value.attempts == 3
+    assert "ConnectionRefusedError" in str(gave_up.value)
 
 
 # -- reconnect and recover ----------------------------------------------------------

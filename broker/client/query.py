@@ -123,7 +123,11 @@ class Answer:
         if self._done:
             raise StopAsyncIteration
         if self._started is None:
-            await self._start()
+            try:
+                await self._start()
+            except BaseException:
+                self._done = True  # refused, timed out or abandoned: there is no answer to wait for
+                raise
         try:
             while True:
                 message = await self._next_message()

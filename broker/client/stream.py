@@ -37,7 +37,14 @@ from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, W
 
 from broker.client.backoff import Backoff
 from broker.client.cursor import Cursor, Verdict
-from broker.client.errors import ClientError, ConnectionLostError, GaveUpError, RejectedError, RequestError
+from broker.client.errors import (
+    ClientError,
+    ConnectionLostError,
+    GaveUpError,
+    QueryError,
+    RejectedError,
+    RequestError,
+)
 from broker.client.query import Answer
 from broker.client.tokens import refresh_delay, token_expiry
 
@@ -319,7 +326,10 @@ class Stream:
                     self._connected.clear()
                     self._fail_waiter(ConnectionLostError("the connection dropped before the answer"), answers=False)
                     conn.close(1000, "client closing" if self._closing else "reconnecting")
-                if outcome.stop or not await self._retry(outcome):
+                if outcome.stop:
+                    self._finish(None)
+                    return
+                if not await self._retry(outcome):
                     return
         except Exception as exc:  # a bug here must end the stream visibly, not hang it
             log.exception("client_failed", session_id=self.session)
@@ -467,7 +477,8 @@ class Stream:
         return False
 
     def _closed(self, code: int | None, reason: str) -> _Outcome:
-        if self._session_closed:
+        if self._session_closed or (code == 1000 and reason == "session closed"):
+            # Deleted: reconnecting would only make a new, empty session of the same name.
             return _Outcome(code, reason, stop=True)
         if code == 1001 and self._shutdown_after is not None:
             # The server asked for this pause; a little jitter keeps clients from returning in step.
@@ -549,7 +560,7 @@ class Stream:
                 await asyncio.wait_for(asyncio.shield(started), answer.start_timeout)
             except TimeoutError:
                 self.forget_answer(answer)
-                raise RequestError("timeout", f"the query did not start within {answer.start_timeout} s") from None
+                raise QueryError("timeout", f"the query did not start within {answer.start_timeout} s") from None
             except BaseException:
                 self.forget_answer(answer)
                 raise
