@@ -20,6 +20,8 @@ from typing import IO, Any
 import structlog
 from structlog.typing import Processor
 
+from actors.wire import session_id_problem
+
 __all__ = ["LEVELS", "configure_logging", "log_request", "set_level"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -111,7 +113,30 @@ def log_request(handler: Any) -> None:
         remote_ip=request.remote_ip,
         duration_ms=round(1000.0 * request.request_time(), 2),
         request_id=request_id,
+        session_id=named_session(handler),
     )
+
+
+def named_session(handler: Any) -> str | None:
+    """The session a request names, for its access line: in the path, or the `session_id` query argument.
+
+    Every route with a path argument names a session by it (`/ws/research/{id}`,
+    `/api/sessions/{id}...`, `/sse/research/{id}`); `/ws` and `/sse` take it as a
+    query argument. A publish to `POST /api/events` names its sessions in
+    the body: the handler sets `session_id` when there is exactly one.
+    Anything that is not a valid session id is not logged as one.
+    """
+    named = getattr(handler, "session_id", None)
+    if named is None:
+        path_args = getattr(handler, "path_args", None)
+        if path_args:
+            named = path_args[0]
+        else:
+            values = handler.request.query_arguments.get("session_id")
+            named = values[0].decode("utf-8", "replace") if values else None
+    if isinstance(named, bytes):
+        named = named.decode("utf-8", "replace")
+    return named if isinstance(named, str) and session_id_problem(named) is None else None
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -27,6 +27,8 @@ class _Publish(ApiHandler):
 
     #: from the body handler this is mixed with (streamed or buffered)
     accepted_body: Callable[[], bytes | None]
+    #: the one session the request publishes to, if it names just one (POST /api/events)
+    session_id: str | None = None
 
     async def post(self, session_id: str | None = None) -> None:
         body = self.accepted_body()
@@ -43,7 +45,10 @@ class _Publish(ApiHandler):
         except (BadRequest, UnsupportedMediaType) as exc:
             self.fail(exc.status, str(exc))
             return
-        refusal = self.broker.admit_sessions(event["session_id"] for event in events)
+        named = {event["session_id"] for event in events}
+        if len(named) == 1:
+            self.session_id = next(iter(named))  # for the access line (broker.logs.named_session)
+        refusal = self.broker.admit_sessions(named)
         if refusal is not None:
             self.fail(503, refusal)
             return

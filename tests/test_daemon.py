@@ -428,6 +428,35 @@ async def test_log_lines_are_json_with_ids_bound(spawn):
     await terminate(daemon)
 
 
+async def test_connections_come_and_go_in_the_log_at_the_default_level(spawn):
+    daemon = spawn()  # log_level defaults to info
+    await daemon.started()
+    client = await daemon.client("seen-1", user_id="ana", events="essential", replay="none")
+    hello = await client.expect(type="connected")
+    assert (await daemon.publish("seen-1", {"type": "task_completed", "task_id": "t1"})).code == 202
+    await client.expect(type="task_completed")
+    await client.send({"type": "disconnect"})
+    assert (await client.closed())[0] == 1000
+    opened = await daemon.wait_log(event="connection_opened", connection_id=hello["connection_id"])
+    assert opened["level"] == "info"
+    assert {k: opened[k] for k in ("session_id", "user_id", "transport", "events", "replay", "remote_ip")} == {
+        "session_id": "seen-1",
+        "user_id": "ana",
+        "transport": "websocket",
+        "events": hello["events"],
+        "replay": "none",
+        "remote_ip": "127.0.0.1",
+    }
+    closed = await daemon.wait_log(event="connection_closed", connection_id=hello["connection_id"])
+    assert closed["level"] == "info" and closed["session_id"] == "seen-1" and closed["user_id"] == "ana"
+    assert (closed["code"], closed["reason"]) == (1000, "client disconnect")
+    assert closed["messages_sent"] == 3  # connected, task_completed, disconnected
+    assert closed["bytes_sent"] > 0 and closed["duration_s"] >= 0
+    access = await daemon.wait_log(event="http_request", path="/api/sessions/seen-1/events")
+    assert access["session_id"] == "seen-1"
+    await terminate(daemon)
+
+
 async def test_metrics_over_the_wire(spawn):
     from prometheus_client.parser import text_string_to_metric_families
 
