@@ -35,6 +35,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, WebSocketError, websocket_connect
 
+from broker.client.acks import Acks
 from broker.client.backoff import Backoff
 from broker.client.cursor import Cursor, Verdict
 from broker.client.errors import (
@@ -155,7 +156,6 @@ class Stream:
         self._refresh_token = refresh_token
         self._backoff = backoff or Backoff()
         self._max_retries = max_retries
-        self._ack_interval = ack_interval
         self._connection_messages = connection_messages
         self._max_pending = max_pending
         self._connect_timeout = connect_timeout
@@ -194,12 +194,9 @@ class Stream:
         self._starting: Answer | None = None
         self._shutdown_after: float | None = None
         self._session_closed = False
-        # ack bookkeeping: the last message the application took, what it processed, what was sent
+        # the last message the application took: processed once it asks for the next one
         self._taken: dict[str, Any] | None = None
-        self._processed_seq = 0
-        self._processed_epoch: str | None = None
-        self._acked = 0
-        self._ack_wanted = asyncio.Event()
+        self._acks = Acks(ack_interval, lambda: self._cursor.epoch)
 
     # -- what the application sees -------------------------------------------
 
@@ -233,7 +230,7 @@ class Stream:
         if self._first is not None:
             return
         self._first = asyncio.get_running_loop().create_future()
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._acker())]
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._acks.run(lambda: self._conn))]
         if self._refresh_token is not None:
             self._tasks.append(asyncio.create_task(self._refresher()))
         try:
@@ -294,7 +291,7 @@ class Stream:
         conn = self._conn
         if conn is not None:
             with contextlib.suppress(WebSocketClosedError, StreamClosedError):
-                await self._send_ack(conn)
+                await self._acks.flush(conn)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -421,9 +418,7 @@ class Stream:
         self._cursor.greeted(greeting, self.replay)
         self.connections += 1
         self._failures = 0
-        self._acked = 0  # acknowledgements are per connection
-        if self._processed_seq:
-            self._ack_wanted.set()
+        self._acks.connected()
         self._connected.set()
         if self._connection_messages:
             self._queue.put_nowait(greeting)
@@ -572,33 +567,8 @@ class Stream:
             self._answers.remove(answer)
 
     def mark_processed(self, message: dict[str, Any]) -> None:
-        """The application is done with this message: acknowledge its seq (batched)."""
-        seq = message.get("seq")
-        if not isinstance(seq, int):
-            return
-        epoch = message.get("epoch")
-        if epoch != self._processed_epoch:
-            self._processed_epoch, self._processed_seq, self._acked = epoch, seq, 0
-        elif seq > self._processed_seq:
-            self._processed_seq = seq
-        else:
-            return
-        self._ack_wanted.set()
-
-    async def _acker(self) -> None:
-        while True:
-            await self._ack_wanted.wait()
-            await asyncio.sleep(self._ack_interval)  # batches acks: one per interval at most
-            self._ack_wanted.clear()
-            conn = self._conn
-            if conn is not None:
-                with contextlib.suppress(WebSocketClosedError, StreamClosedError):
-                    await self._send_ack(conn)
-
-    async def _send_ack(self, conn: WebSocketClientConnection) -> None:
-        if self._processed_seq > self._acked and self._processed_epoch == self.epoch:
-            self._acked = self._processed_seq
-            await conn.write_message(orjson.dumps({"type": "ack", "seq": self._processed_seq}).decode())
+        """The application is done with this message (used by `Answer` too)."""
+        self._acks.processed(message)
 
     async def _refresher(self) -> None:
         """Replace the token before it expires: ask the application, then send `refresh`."""
