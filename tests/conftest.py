@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 from tornado.httpserver import HTTPServer
@@ -12,6 +13,7 @@ from broker.app import make_app
 from broker.config import Settings
 from broker.core import Broker
 from broker.testing import ActorHarness
+from tests.support.wire import Clients
 
 
 @pytest.fixture
@@ -61,3 +63,16 @@ def http_server(io_loop, http_server_port, app):
 @pytest.fixture
 def port(http_server, http_server_port) -> int:
     return http_server_port[1]
+
+
+@pytest.fixture
+def connect(port: int) -> Iterator[Clients]:
+    """WebSocket clients to the application under test (tests.support.wire.Clients); all closed at teardown.
+
+    `client, greeting = await connect("s1")` opens `/ws` and reads the
+    greeting; `research=True` uses `/ws/research/{id}`; `connect.plain(...)`
+    reads nothing. `port` puts `settings` in the test's closure (`with_settings`).
+    """
+    clients = Clients(port)
+    yield clients
+    clients.close_all()

@@ -1,4 +1,4 @@
-"""The WebSocket endpoints over a real socket (PROTOCOL.md sections 2, 3 and 4).
+"""The WebSocket endpoints over a real socket (docs/protocol.md sections 1, 2.6-2.7 and 3).
 
 Every test runs the real application on a real port and asserts what a
 client written to the protocol would notice: field names, close codes and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from functools import partial
 from typing import Any
 
 import orjson
@@ -18,8 +19,8 @@ from tornado.httpclient import HTTPClientError
 
 from broker.testing import WebSocketClient
 from tests.support import with_settings
+from tests.support.wire import get_json, publish, session_info, session_messages, stats, wait_until
 
-JSON = {"Content-Type": "application/json"}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 ESSENTIAL = [
     "complete",
@@ -58,52 +59,9 @@ ONE_OF_EACH = [
 # -- helpers -------------------------------------------------------------------
 
 
-async def publish(http: Any, session_id: str, events: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
-    """POST events to a session; return the 202 answer."""
-    response = await http.fetch(
-        f"/api/sessions/{session_id}/events", method="POST", headers=JSON, body=orjson.dumps(events)
-    )
-    assert response.code == 202, response.body
-    return orjson.loads(response.body)
-
-
-async def get_json(http: Any, path: str) -> Any:
-    response = await http.fetch(path, raise_error=False)
-    return response.code, orjson.loads(response.body)
-
-
-async def stats(http: Any) -> dict[str, Any]:
-    code, body = await get_json(http, "/api/websocket/stats")
-    assert code == 200
-    return body
-
-
-async def poll(http: Any, path: str, done: Any, attempts: int = 500) -> Any:
-    """GET `path` until `done(code, body)`; a bounded number of awaited fetches, no sleeps."""
-    code, body = None, None
-    for _ in range(attempts):
-        code, body = await get_json(http, path)
-        if done(code, body):
-            return body
-    raise AssertionError(f"{path} never reached the expected state; last answer {code}: {body!r}")
-
-
 def tasks(*task_ids: str) -> list[dict[str, Any]]:
     """task_started events: never throttled, one per task id."""
     return [{"type": "task_started", "task_id": t} for t in task_ids]
-
-
-async def read_events(client: WebSocketClient, count: int) -> list[dict[str, Any]]:
-    """The next `count` session messages (each must carry a seq)."""
-    events = []
-    while len(events) < count:
-        message = await client.receive()
-        assert message is not None, f"closed {client.close_info()} after {len(events)} of {count} events"
-        if message["type"] == "keepalive":
-            continue
-        assert "seq" in message, f"expected a session message, got {message!r}"
-        events.append(message)
-    return events
 
 
 def seqs(messages: list[dict[str, Any]]) -> list[int]:
@@ -122,6 +80,12 @@ async def read_until_type(client: WebSocketClient, mtype: str) -> list[dict[str,
     return seen
 
 
+def no_connections(answer: tuple[int, Any]) -> bool:
+    """A `session_info` answer: the session is there and no connection is attached to it."""
+    code, session = answer
+    return code == 200 and session["connections"] == []
+
+
 async def refused(client: WebSocketClient) -> str:
     """The server closed with 1008 before sending anything; return the reason."""
     code, reason = await client.closed()
@@ -137,44 +101,6 @@ async def still_delivers(http: Any, client: WebSocketClient, session_id: str, ma
     assert message["message"] == marker
 
 
-@pytest.fixture
-def connect(broker, port):
-    """Open WebSocket clients (`/ws` by default, `research=True` for the path form); all closed at teardown.
-
-    It names `broker` so that `settings` is in every test's fixture closure (`with_settings`).
-    """
-    opened: list[WebSocketClient] = []
-
-    async def connect(
-        session_id: str | None = None,
-        *,
-        research: bool = False,
-        headers: dict[str, str] | None = None,
-        timeout: float = 5.0,
-        **params: Any,
-    ) -> WebSocketClient:
-        if research:
-            path = f"/ws/research/{session_id}"
-        else:
-            path = "/ws"
-            params["session_id"] = session_id
-        client = await WebSocketClient.connect(port, path, timeout=timeout, headers=headers, **params)
-        opened.append(client)
-        return client
-
-    yield connect
-    for client in opened:
-        client.close()
-
-
-async def greeted(connect: Any, session_id: str, **params: Any) -> tuple[WebSocketClient, dict[str, Any]]:
-    """Connect and read the greeting."""
-    client = await connect(session_id, **params)
-    greeting = "connection_established" if params.get("research") else "connected"
-    hello = await client.expect(type=greeting)
-    return client, hello
-
-
 # -- 1. greetings ----------------------------------------------------------------
 
 
@@ -183,7 +109,7 @@ async def greeted(connect: Any, session_id: str, **params: Any) -> tuple[WebSock
 )
 async def test_greeting_has_every_field(connect, http_server_client, research, greeting):
     await publish(http_server_client, "g1", tasks("a", "b", "c"))
-    client = await connect("g1", research=research, user_id="user1", replay="none")
+    client = await connect.plain("g1", research=research, user_id="user1", replay="none")
     hello = await client.expect(type=greeting)
     assert {
         "type",
@@ -209,7 +135,7 @@ async def test_greeting_has_every_field(connect, http_server_client, research, g
 
 
 async def test_greeting_of_a_new_session_has_last_seq_0_and_epoch_of_later_messages(connect, http_server_client):
-    client, hello = await greeted(connect, "g2")
+    client, hello = await connect("g2")
     assert hello["last_seq"] == 0
     assert hello["user_id"] is None
     await publish(http_server_client, "g2", tasks("a"))
@@ -221,14 +147,14 @@ async def test_greeting_of_a_new_session_has_last_seq_0_and_epoch_of_later_messa
 
 
 async def test_each_connection_gets_its_own_connection_id(connect):
-    _, first = await greeted(connect, "g3")
-    _, second = await greeted(connect, "g3", research=True)
+    _, first = await connect("g3")
+    _, second = await connect("g3", research=True)
     assert first["connection_id"] != second["connection_id"]
     assert first["epoch"] == second["epoch"]
 
 
 async def test_greeting_keepalive_interval_is_an_integer_on_the_wire(connect):
-    client = await connect("g4")
+    client = await connect.plain("g4")
     raw = await asyncio.wait_for(client.conn.read_message(), client.timeout)
     assert b'"keepalive_interval":25,' in raw.encode()
 
@@ -237,7 +163,7 @@ async def test_greeting_keepalive_interval_is_an_integer_on_the_wire(connect):
 
 
 async def test_ping_is_answered_with_pong_and_timestamp(connect):
-    client, _ = await greeted(connect, "p1")
+    client, _ = await connect("p1")
     await client.send({"type": "ping"})
     pong = await client.expect(type="pong")
     assert TIMESTAMP.match(pong["timestamp"]), pong
@@ -245,7 +171,7 @@ async def test_ping_is_answered_with_pong_and_timestamp(connect):
 
 @with_settings(keepalive_interval=0.2)
 async def test_an_idle_connection_gets_keepalives(connect):
-    client, hello = await greeted(connect, "k1")
+    client, hello = await connect("k1")
     assert hello["keepalive_interval"] == 0.2
     for _ in range(2):
         keepalive = await client.expect(type="keepalive")
@@ -254,7 +180,7 @@ async def test_an_idle_connection_gets_keepalives(connect):
 
 
 async def test_unsubscribe_from_all_stops_only_that_type(connect, http_server_client):
-    client, _ = await greeted(connect, "sub1")
+    client, _ = await connect("sub1")
     await client.send({"type": "unsubscribe", "events": ["task_progress"]})
     answer = await client.expect(type="subscribed")
     assert answer["events"] == ["*", "-task_progress"]
@@ -278,7 +204,7 @@ async def test_unsubscribe_from_all_stops_only_that_type(connect, http_server_cl
 
 
 async def test_subscribe_adds_types_to_a_preset_filter(connect, http_server_client):
-    client, hello = await greeted(connect, "sub2", events="planning")
+    client, hello = await connect("sub2", events="planning")
     assert hello["events"] == PLANNING
     await client.send({"type": "subscribe", "events": ["task_started", "essential"]})
     answer = await client.expect(type="subscribed")
@@ -288,7 +214,7 @@ async def test_subscribe_adds_types_to_a_preset_filter(connect, http_server_clie
 
 
 async def test_unsubscribe_everything_then_subscribe_one_type(connect, http_server_client):
-    client, _ = await greeted(connect, "sub3")
+    client, _ = await connect("sub3")
     await client.send({"type": "unsubscribe", "events": ["*"]})
     assert (await client.expect(type="subscribed"))["events"] == []
     await client.send({"type": "subscribe", "events": ["task_completed"]})
@@ -310,7 +236,7 @@ async def test_unsubscribe_everything_then_subscribe_one_type(connect, http_serv
     ids=["bad-name", "string", "empty", "missing", "not-a-string", "unsubscribe-bad-name"],
 )
 async def test_bad_subscribe_item_is_bad_message_and_keeps_the_filter(connect, http_server_client, message):
-    client, _ = await greeted(connect, "sub4", events="task_completed")
+    client, _ = await connect("sub4", events="task_completed")
     await client.send(message)
     error = await client.expect(type="error", code="bad_message")
     assert error["error"]
@@ -322,7 +248,7 @@ async def test_bad_subscribe_item_is_bad_message_and_keeps_the_filter(connect, h
 
 
 async def test_disconnect_answers_disconnected_then_closes_1000(connect):
-    client, hello = await greeted(connect, "d1")
+    client, hello = await connect("d1")
     await client.send({"type": "disconnect"})
     answer = await client.expect(type="disconnected")
     assert answer["connection_id"] == hello["connection_id"]
@@ -332,10 +258,10 @@ async def test_disconnect_answers_disconnected_then_closes_1000(connect):
 
 
 async def test_ack_sends_nothing_and_shows_in_the_session(connect, http_server_client):
-    client, hello = await greeted(connect, "ack1")
-    _, other = await greeted(connect, "ack1")
+    client, hello = await connect("ack1")
+    _, other = await connect("ack1")
     await publish(http_server_client, "ack1", tasks("a", "b", "c"))
-    await read_events(client, 3)
+    await session_messages(client, 3)
     await client.send({"type": "ack", "seq": 2})
     await client.send({"type": "ping"})
     await client.expect(type="pong")  # the ack itself was answered with nothing
@@ -349,13 +275,13 @@ async def test_ack_sends_nothing_and_shows_in_the_session(connect, http_server_c
 
 @pytest.mark.parametrize("seq", ["2", -1, 1.5, None, True], ids=["string", "negative", "float", "null", "bool"])
 async def test_ack_with_bad_seq_is_bad_message(connect, seq):
-    client, _ = await greeted(connect, "ack2")
+    client, _ = await connect("ack2")
     await client.send({"type": "ack", "seq": seq})
     await client.expect(type="error", code="bad_message")
 
 
 async def test_ack_without_seq_is_bad_message(connect):
-    client, _ = await greeted(connect, "ack3")
+    client, _ = await connect("ack3")
     await client.send({"type": "ack"})
     await client.expect(type="error", code="bad_message")
 
@@ -395,8 +321,8 @@ async def test_ack_without_seq_is_bad_message(connect):
     ],
 )
 async def test_bad_frame_is_an_error_and_the_connection_stays_open(connect, http_server_client, frame, code):
-    healthy, _ = await greeted(connect, "bad1")
-    client, _ = await greeted(connect, "bad1")
+    healthy, _ = await connect("bad1")
+    client, _ = await connect("bad1")
     await client.send(frame)
     error = await client.expect(type="error", code=code)
     assert isinstance(error["error"], str)
@@ -410,8 +336,8 @@ async def test_bad_frame_is_an_error_and_the_connection_stays_open(connect, http
 
 
 async def test_an_error_answers_only_the_offender(connect, http_server_client):
-    healthy, _ = await greeted(connect, "bad2")
-    client, _ = await greeted(connect, "bad2")
+    healthy, _ = await connect("bad2")
+    client, _ = await connect("bad2")
     await client.send("nope")
     await client.expect(type="error", code="bad_json")
     await still_delivers(http_server_client, healthy, "bad2", "only me")  # no error in between
@@ -419,8 +345,8 @@ async def test_an_error_answers_only_the_offender(connect, http_server_client):
 
 @with_settings(max_client_errors=3)
 async def test_more_than_max_client_errors_sends_the_error_then_closes_1008(connect, http_server_client):
-    healthy, _ = await greeted(connect, "bad3")
-    client, _ = await greeted(connect, "bad3")
+    healthy, _ = await connect("bad3")
+    client, _ = await connect("bad3")
     for frame in ("x", "{}", '{"type": "nope"}'):
         await client.send(frame)
         await client.expect(type="error")
@@ -437,8 +363,8 @@ async def test_more_than_max_client_errors_sends_the_error_then_closes_1008(conn
 
 @with_settings(max_client_rate=5, max_client_errors=1000)
 async def test_messages_over_max_client_rate_are_answered_rate_limited_and_dropped(connect, http_server_client):
-    healthy, _ = await greeted(connect, "rl1")
-    client, _ = await greeted(connect, "rl1")
+    healthy, _ = await connect("rl1")
+    client, _ = await connect("rl1")
     for _ in range(30):  # a burst: far more than 5 within one second
         await client.send({"type": "ping"})
     answers = [await client.receive() for _ in range(30)]
@@ -460,15 +386,15 @@ def ping_of_size(size: int) -> str:
 
 @with_settings(max_message_size=1024)
 async def test_a_frame_of_exactly_max_message_size_is_allowed(connect):
-    client, _ = await greeted(connect, "big1")
+    client, _ = await connect("big1")
     await client.send(ping_of_size(1024))
     await client.expect(type="pong")
 
 
 @with_settings(max_message_size=1024)
 async def test_a_frame_over_max_message_size_closes_1009(connect, http_server_client):
-    healthy, _ = await greeted(connect, "big2")
-    client, _ = await greeted(connect, "big2")
+    healthy, _ = await connect("big2")
+    client, _ = await connect("big2")
     await client.send(ping_of_size(1025))
     code, _ = await client.closed()
     assert code == 1009
@@ -477,7 +403,7 @@ async def test_a_frame_over_max_message_size_closes_1009(connect, http_server_cl
 
 
 async def test_exactly_64_kib_is_allowed_by_default_and_one_byte_more_closes_1009(connect):
-    client, _ = await greeted(connect, "big4")
+    client, _ = await connect("big4")
     await client.send(ping_of_size(64 * 1024))
     await client.expect(type="pong")
     await client.send(ping_of_size(64 * 1024 + 1))
@@ -487,7 +413,7 @@ async def test_exactly_64_kib_is_allowed_by_default_and_one_byte_more_closes_100
 
 async def test_messages_at_frame_length_boundaries_arrive_intact(connect, http_server_client):
     """Server frames carry a 7-bit, 16-bit or 64-bit length (RFC 6455 5.2); each arrives whole."""
-    client, _ = await greeted(connect, "len1")
+    client, _ = await connect("len1")
     await publish(http_server_client, "len1", {"type": "bulk", "pad": ""})
     base = len((await asyncio.wait_for(client.conn.read_message(), client.timeout)).encode())
     for seq, size in enumerate((base, 65_535, 65_536, 65_537, 300_000), start=2):  # seq stays one digit
@@ -539,30 +465,30 @@ async def test_messages_at_frame_length_boundaries_arrive_intact(connect, http_s
 async def test_bad_handshake_parameter_closes_1008_before_any_data(
     connect, http_server_client, research, session_id, params
 ):
-    healthy, _ = await greeted(connect, "hs1")
-    client = await connect(session_id, research=research, **params)
+    healthy, _ = await connect("hs1")
+    client = await connect.plain(session_id, research=research, **params)
     await refused(client)
     await still_delivers(http_server_client, healthy, "hs1", "after a refused handshake")
 
 
 @pytest.mark.parametrize("research", [False, True], ids=["ws", "research"])
 async def test_bad_handshake_parameter_on_either_endpoint_closes_1008(connect, research):
-    client = await connect("hs2", research=research, last_seq="abc")
+    client = await connect.plain("hs2", research=research, last_seq="abc")
     reason = await refused(client)
     assert "last_seq" in reason
 
 
 async def test_last_seq_beyond_the_newest_closes_1008_before_any_data(connect, http_server_client):
-    healthy, _ = await greeted(connect, "hs3")
+    healthy, _ = await connect("hs3")
     await publish(http_server_client, "hs3", tasks("a", "b"))
-    await read_events(healthy, 2)
-    client = await connect("hs3", last_seq=3)
+    await session_messages(healthy, 2)
+    client = await connect.plain("hs3", last_seq=3)
     await refused(client)
     await still_delivers(http_server_client, healthy, "hs3", "after last_seq beyond")
 
 
 async def test_last_seq_beyond_the_newest_of_a_new_session_closes_1008(connect):
-    client = await connect("hs4", last_seq=1)
+    client = await connect.plain("hs4", last_seq=1)
     await refused(client)
 
 
@@ -599,7 +525,7 @@ async def test_last_seq_beyond_the_newest_of_a_new_session_closes_1008(connect):
     ids=["essential", "planning", "all-minus", "only-removals", "star", "types", "preset-plus-minus"],
 )
 async def test_filter_on_connect_admits_exactly_its_types(connect, http_server_client, events, echo, admitted):
-    client, hello = await greeted(connect, "f1", events=events)
+    client, hello = await connect("f1", events=events)
     assert hello["events"] == echo
     await publish(http_server_client, "f1", ONE_OF_EACH)
     expected = [(i + 1, e["type"]) for i, e in enumerate(ONE_OF_EACH) if e["type"] in admitted]
@@ -610,7 +536,7 @@ async def test_filter_on_connect_admits_exactly_its_types(connect, http_server_c
 
 
 async def test_connection_level_messages_pass_every_filter(connect):
-    client, _ = await greeted(connect, "f2", events="planning")
+    client, _ = await connect("f2", events="planning")
     await client.send({"type": "ping"})
     await client.expect(type="pong")
     await client.send("garbage")
@@ -619,7 +545,7 @@ async def test_connection_level_messages_pass_every_filter(connect):
 
 async def test_replay_is_filtered_too(connect, http_server_client):
     await publish(http_server_client, "f3", ONE_OF_EACH)
-    client, _ = await greeted(connect, "f3", research=True, events="essential")
+    client, _ = await connect("f3", research=True, events="essential")
     got = await client.receive_until(type="session_completed")
     assert [m["type"] for m in got] == [e["type"] for e in ONE_OF_EACH if e["type"] in ESSENTIAL]
 
@@ -629,11 +555,11 @@ async def test_replay_is_filtered_too(connect, http_server_client):
 
 async def test_research_replays_the_whole_history_by_default_then_live(connect, http_server_client):
     await publish(http_server_client, "r1", tasks("a", "b", "c"))
-    watcher, _ = await greeted(connect, "r1", research=True)
-    await read_events(watcher, 3)  # delivered once already: replay=all still sends it
-    client, hello = await greeted(connect, "r1", research=True)
+    watcher, _ = await connect("r1", research=True)
+    await session_messages(watcher, 3)  # delivered once already: replay=all still sends it
+    client, hello = await connect("r1", research=True)
     assert hello["last_seq"] == 3
-    replayed = await read_events(client, 3)
+    replayed = await session_messages(client, 3)
     assert [(m["seq"], m["task_id"]) for m in replayed] == [(1, "a"), (2, "b"), (3, "c")]
     assert all(m["epoch"] == hello["epoch"] for m in replayed)
     await publish(http_server_client, "r1", tasks("d"))
@@ -642,32 +568,32 @@ async def test_research_replays_the_whole_history_by_default_then_live(connect, 
 
 async def test_ws_replays_only_what_no_connection_received_by_default(connect, http_server_client):
     await publish(http_server_client, "r2", tasks("offline1", "offline2"))
-    first, hello = await greeted(connect, "r2")
+    first, hello = await connect("r2")
     assert hello["last_seq"] == 2
-    assert seqs(await read_events(first, 2)) == [1, 2]
+    assert seqs(await session_messages(first, 2)) == [1, 2]
 
-    second, _ = await greeted(connect, "r2")  # the offline messages went to `first` already
+    second, _ = await connect("r2")  # the offline messages went to `first` already
     await publish(http_server_client, "r2", tasks("live"))
-    assert seqs(await read_events(first, 1)) == [3]
-    assert seqs(await read_events(second, 1)) == [3]
+    assert seqs(await session_messages(first, 1)) == [3]
+    assert seqs(await session_messages(second, 1)) == [3]
 
-    third, _ = await greeted(connect, "r2")  # seq 3 was delivered while it streamed
+    third, _ = await connect("r2")  # seq 3 was delivered while it streamed
     await publish(http_server_client, "r2", tasks("later"))
-    assert seqs(await read_events(third, 1)) == [4]
+    assert seqs(await session_messages(third, 1)) == [4]
 
 
 async def test_a_message_filtered_away_from_everyone_is_still_missed(connect, http_server_client):
-    picky, _ = await greeted(connect, "r3", events="task_completed")
+    picky, _ = await connect("r3", events="task_completed")
     await publish(http_server_client, "r3", [*tasks("t"), {"type": "task_completed", "task_id": "t"}])
     await picky.expect(type="task_completed", seq=2)
-    newcomer, _ = await greeted(connect, "r3")
-    assert seqs(await read_events(newcomer, 1)) == [1]  # nobody had been sent seq 1
+    newcomer, _ = await connect("r3")
+    assert seqs(await session_messages(newcomer, 1)) == [1]  # nobody had been sent seq 1
 
 
 async def test_replay_none_gets_only_live_messages(connect, http_server_client):
     await publish(http_server_client, "r4", tasks("a", "b"))
     for research in (False, True):
-        client, hello = await greeted(connect, "r4", research=research, replay="none")
+        client, hello = await connect("r4", research=research, replay="none")
         assert hello["last_seq"] == 2 + (1 if research else 0)
         await publish(http_server_client, "r4", tasks(f"live-{research}"))
         event = await client.expect(type="task_started")
@@ -677,55 +603,55 @@ async def test_replay_none_gets_only_live_messages(connect, http_server_client):
 @pytest.mark.parametrize("research", [False, True], ids=["ws", "research"])
 async def test_last_seq_gets_exactly_the_later_messages(connect, http_server_client, research):
     await publish(http_server_client, "r5", tasks("a", "b", "c", "d", "e"))
-    _, first = await greeted(connect, "r5", replay="none")
-    client, hello = await greeted(connect, "r5", research=research, last_seq=2, epoch=first["epoch"])
+    _, first = await connect("r5", replay="none")
+    client, hello = await connect("r5", research=research, last_seq=2, epoch=first["epoch"])
     assert hello["last_seq"] == 5
-    assert seqs(await read_events(client, 3)) == [3, 4, 5]  # no gap: the epoch is current
+    assert seqs(await session_messages(client, 3)) == [3, 4, 5]  # no gap: the epoch is current
     await publish(http_server_client, "r5", tasks("f"))
-    assert seqs(await read_events(client, 1)) == [6]
+    assert seqs(await session_messages(client, 1)) == [6]
 
 
 async def test_last_seq_equal_to_the_newest_gets_only_live(connect, http_server_client):
     await publish(http_server_client, "r6", tasks("a", "b"))
-    client, _ = await greeted(connect, "r6", last_seq=2)
+    client, _ = await connect("r6", last_seq=2)
     await publish(http_server_client, "r6", tasks("c"))
-    assert seqs(await read_events(client, 1)) == [3]
+    assert seqs(await session_messages(client, 1)) == [3]
 
 
 async def test_last_seq_0_on_a_new_session_is_fine(connect, http_server_client):
-    client, hello = await greeted(connect, "r7", last_seq=0)
+    client, hello = await connect("r7", last_seq=0)
     assert hello["last_seq"] == 0
     await publish(http_server_client, "r7", tasks("a"))
-    assert seqs(await read_events(client, 1)) == [1]
+    assert seqs(await session_messages(client, 1)) == [1]
 
 
 @pytest.mark.parametrize("last_seq", [2, 99], ids=["within", "beyond-newest"])
 async def test_wrong_epoch_gets_a_gap_then_the_whole_history(connect, http_server_client, last_seq):
     await publish(http_server_client, "r8", tasks("a", "b", "c"))
-    client = await connect("r8", last_seq=last_seq, epoch="e-from-another-life")
+    client = await connect.plain("r8", last_seq=last_seq, epoch="e-from-another-life")
     hello = await client.expect(type="connected")
     gap = await client.receive()
     assert gap == {"type": "gap", "from_seq": 1, "to_seq": None, "epoch": hello["epoch"]}
-    assert seqs(await read_events(client, 3)) == [1, 2, 3]
+    assert seqs(await session_messages(client, 3)) == [1, 2, 3]
 
 
 @with_settings(buffer_size=5)
 async def test_evicted_messages_are_announced_by_a_gap(connect, http_server_client):
     await publish(http_server_client, "r9", tasks(*(f"t{i}" for i in range(1, 13))))
-    client = await connect("r9", last_seq=2)
+    client = await connect.plain("r9", last_seq=2)
     hello = await client.expect(type="connected")
     assert hello["last_seq"] == 12
     gap = await client.receive()
     assert gap == {"type": "gap", "from_seq": 3, "to_seq": 7, "epoch": hello["epoch"]}
-    events = await read_events(client, 5)
+    events = await session_messages(client, 5)
     assert [(m["seq"], m["task_id"]) for m in events] == [(n, f"t{n}") for n in range(8, 13)]
 
 
 @with_settings(buffer_size=5)
 async def test_replay_all_after_eviction_sends_what_is_held(connect, http_server_client):
     await publish(http_server_client, "r10", tasks(*(f"t{i}" for i in range(1, 13))))
-    client, _ = await greeted(connect, "r10", research=True)
-    assert seqs(await read_events(client, 5)) == [8, 9, 10, 11, 12]
+    client, _ = await connect("r10", research=True)
+    assert seqs(await session_messages(client, 5)) == [8, 9, 10, 11, 12]
 
 
 # -- 6. replay while publishing concurrently ------------------------------------
@@ -751,13 +677,13 @@ async def test_replay_during_concurrent_publishing_has_no_holes_or_duplicates(co
         """Connect once `after` batches are in, while the rest are still being published."""
         async with progress:
             await progress.wait_for(lambda: published >= after)
-        client = await connect("c1", **params)
+        client = await connect.plain("c1", **params)
         hello = await client.receive()
         assert hello is not None
         assert hello["type"] in {"connected", "connection_established"}
         received: list[dict[str, Any]] = []
         while not received or received[-1]["seq"] < total:
-            received.extend(await read_events(client, 1))
+            received.extend(await session_messages(client, 1))
         return hello["last_seq"], received
 
     results = await asyncio.gather(
@@ -783,19 +709,19 @@ async def test_replay_during_concurrent_publishing_has_no_holes_or_duplicates(co
 async def test_slow_consumer_is_closed_4008_and_recovers_with_last_seq(connect, http_server_client):
     total = 600  # 12 MB: well past what the kernel buffers of a loopback socket hold
     payload = "x" * 20_000
-    normal, hello = await greeted(connect, "slow1")
-    slow, _ = await greeted(connect, "slow1")  # from now on it does not read
+    normal, hello = await connect("slow1")
+    slow, _ = await connect("slow1")  # from now on it does not read
 
     async def publish_all() -> None:
         for n in range(1, total + 1):
             await publish(http_server_client, "slow1", {"type": "bulk", "n": n, "blob": payload})
 
     async def read_normal() -> list[dict[str, Any]]:
-        return await read_events(normal, total)
+        return await session_messages(normal, total)
 
     async def drain_slow_once_closed() -> tuple[list[dict[str, Any]], tuple[int | None, str | None]]:
         # The server gives a closed peer 5 s to read up to its close frame: start reading at once.
-        await poll(http_server_client, "/api/websocket/stats", lambda _, b: b["slow_consumer_disconnects"], 20_000)
+        await wait_until(lambda: stats(http_server_client), lambda b: b["slow_consumer_disconnects"], timeout=60)
         close = await slow.closed()
         return [m for m in slow.received if "seq" in m], close
 
@@ -809,9 +735,9 @@ async def test_slow_consumer_is_closed_4008_and_recovers_with_last_seq(connect, 
     assert processed == list(range(1, len(processed) + 1))
     assert len(processed) < total
 
-    again, rehello = await greeted(connect, "slow1", last_seq=processed[-1], epoch=hello["epoch"])
+    again, rehello = await connect("slow1", last_seq=processed[-1], epoch=hello["epoch"])
     assert rehello["last_seq"] == total
-    rest = await read_events(again, total - len(processed))
+    rest = await session_messages(again, total - len(processed))
     assert seqs(rest) == list(range(len(processed) + 1, total + 1))
     await again.send({"type": "ping"})
     await again.expect(type="pong")  # nothing was sent twice
@@ -822,8 +748,8 @@ async def test_slow_consumer_is_closed_4008_and_recovers_with_last_seq(connect, 
 async def test_a_slow_consumers_queue_drops_superseded_progress_instead_of_closing(connect, http_server_client):
     total = 600
     blob = "x" * 20_000
-    normal, _ = await greeted(connect, "slow2")
-    slow, _ = await greeted(connect, "slow2")  # does not read until everything is published
+    normal, _ = await connect("slow2")
+    slow, _ = await connect("slow2")  # does not read until everything is published
 
     async def publish_all() -> None:
         await publish(http_server_client, "slow2", tasks("t1"))
@@ -832,7 +758,7 @@ async def test_a_slow_consumers_queue_drops_superseded_progress_instead_of_closi
             await publish(http_server_client, "slow2", {**step, "blob": blob})
         await publish(http_server_client, "slow2", {"type": "task_completed", "task_id": "t1"})
 
-    _, normal_events = await asyncio.gather(publish_all(), read_events(normal, total + 2))
+    _, normal_events = await asyncio.gather(publish_all(), session_messages(normal, total + 2))
     assert seqs(normal_events) == list(range(1, total + 3))
 
     events = await read_until_type(slow, "task_completed")
@@ -848,7 +774,7 @@ async def test_a_slow_consumers_queue_drops_superseded_progress_instead_of_closi
 
 @with_settings(max_queue_bytes=16 * 1024)
 async def test_a_single_message_larger_than_max_queue_bytes_is_delivered(connect, http_server_client):
-    client, _ = await greeted(connect, "slow3")
+    client, _ = await connect("slow3")
     await publish(http_server_client, "slow3", {"type": "bulk", "blob": "x" * 200_000})
     event = await client.expect(type="bulk", seq=1)
     assert len(event["blob"]) == 200_000
@@ -864,12 +790,12 @@ async def test_replay_does_not_count_towards_max_queue_bytes(connect, http_serve
         await publish(
             http_server_client, "slow4", [{"type": "bulk", "n": n, "blob": blob} for n in range(start, start + batch)]
         )
-    client, _ = await greeted(connect, "slow4", research=True)
+    client, _ = await connect("slow4", research=True)
     await publish(http_server_client, "slow4", {"type": "live"})
     _, session = await get_json(http_server_client, "/api/sessions/slow4")
     assert len(session["connections"]) == 1, "the replaying client was closed"
     assert session["connections"][0]["queued_bytes"] < 64 * 1024
-    events = await read_events(client, total + 1)
+    events = await session_messages(client, total + 1)
     assert seqs(events) == list(range(1, total + 2))
     assert events[-1]["type"] == "live"
     assert (await stats(http_server_client))["slow_consumer_disconnects"] == 0
@@ -883,7 +809,7 @@ async def test_200_clients_over_20_sessions_each_get_their_sessions_events_in_or
     per_session, per_client, batch = 10, 100, 10
 
     async def join(session_id: str, index: int) -> WebSocketClient:
-        client, _ = await greeted(connect, session_id, research=index % 2 == 1, timeout=20.0)
+        client, _ = await connect(session_id, research=index % 2 == 1, timeout=20.0)
         return client
 
     clients = await asyncio.gather(*(join(s, i) for s in sessions for i in range(per_session)))
@@ -895,7 +821,7 @@ async def test_200_clients_over_20_sessions_each_get_their_sessions_events_in_or
             assert answer["seq"] == list(range(start + 1, start + batch + 1))
 
     async def read(client: WebSocketClient) -> list[dict[str, Any]]:
-        return await read_events(client, per_client)
+        return await session_messages(client, per_client)
 
     received = await asyncio.gather(*(publish_session(s) for s in sessions), *(read(c) for c in clients))
     for index, events in enumerate(received[len(sessions) :]):
@@ -922,10 +848,10 @@ async def test_200_clients_over_20_sessions_each_get_their_sessions_events_in_or
     ],
 )
 async def test_a_foreign_origin_is_refused_403_at_the_handshake(connect, http_server_client, origin):
-    healthy, _ = await greeted(connect, "o1")
+    healthy, _ = await connect("o1")
     for research in (False, True):
         with pytest.raises(HTTPClientError) as refused_handshake:
-            await connect("o1", research=research, headers={"Origin": origin})
+            await connect.plain("o1", research=research, headers={"Origin": origin})
         assert refused_handshake.value.code == 403
     await still_delivers(http_server_client, healthy, "o1", "after a refused origin")
 
@@ -937,7 +863,7 @@ async def test_a_foreign_origin_is_refused_403_at_the_handshake(connect, http_se
 )
 async def test_local_origins_and_no_origin_are_accepted(connect, origin):
     headers = {"Origin": origin} if origin else None
-    client, _ = await greeted(connect, "o2", headers=headers)
+    client, _ = await connect("o2", headers=headers)
     await client.send({"type": "ping"})
     await client.expect(type="pong")
 
@@ -960,20 +886,20 @@ async def test_a_configured_origin_list_replaces_the_default(connect, port, orig
         origin = f"http://127.0.0.1:{port}"
     headers = {"Origin": origin} if origin else None
     if accepted:
-        await greeted(connect, "o4", headers=headers)
+        await connect("o4", headers=headers)
     else:
         with pytest.raises(HTTPClientError) as refused_handshake:
-            await connect("o4", headers=headers)
+            await connect.plain("o4", headers=headers)
         assert refused_handshake.value.code == 403
 
 
 @with_settings(allowed_origins=("*",))
 async def test_a_star_origin_list_allows_every_origin(connect):
-    await greeted(connect, "o5", headers={"Origin": "http://evil.example"})
+    await connect("o5", headers={"Origin": "http://evil.example"})
 
 
 async def test_same_origin_is_accepted(connect, port):
-    client, _ = await greeted(connect, "o3", research=True, headers={"Origin": f"http://127.0.0.1:{port}"})
+    client, _ = await connect("o3", research=True, headers={"Origin": f"http://127.0.0.1:{port}"})
     await client.send({"type": "ping"})
     await client.expect(type="pong")
 
@@ -983,43 +909,41 @@ async def test_same_origin_is_accepted(connect, port):
 
 @with_settings(max_connections_per_session=2)
 async def test_closing_clients_removes_every_trace(connect, http_server_client):
-    first, _ = await greeted(connect, "gone1")
-    second, _ = await greeted(connect, "gone1", research=True)
-    third, _ = await greeted(connect, "gone2")
+    first, _ = await connect("gone1")
+    second, _ = await connect("gone1", research=True)
+    third, _ = await connect("gone2")
     snapshot = await stats(http_server_client)
     assert snapshot["active_connections"] == 3
     assert snapshot["connected_sessions"] == ["gone1", "gone2"]
     with pytest.raises(HTTPClientError) as full:
-        await connect("gone1")
+        await connect.plain("gone1")
     assert full.value.code == 503
 
     first.close()
     await second.send({"type": "disconnect"})
     assert (await second.closed())[0] == 1000
     third.close()
-    await poll(
-        http_server_client,
-        "/api/websocket/stats",
-        lambda _, b: b["active_connections"] == 0 and b["connected_sessions"] == [],
+    await wait_until(
+        lambda: stats(http_server_client), lambda b: b["active_connections"] == 0 and b["connected_sessions"] == []
     )
     for session_id in ("gone1", "gone2"):
-        await poll(http_server_client, f"/api/sessions/{session_id}", lambda c, b: c == 200 and b["connections"] == [])
+        await wait_until(partial(session_info, http_server_client, session_id), no_connections)
 
     # the per-session count was given back too: two new connections fit again
-    again = [(await greeted(connect, "gone1"))[0] for _ in range(2)]
+    again = [(await connect("gone1"))[0] for _ in range(2)]
     for client in again:
         await client.send({"type": "ping"})
         await client.expect(type="pong")
 
 
 async def test_a_server_closed_connection_leaves_no_trace(connect, http_server_client):
-    client, _ = await greeted(connect, "gone3")
-    refused_client = await connect("gone3", last_seq=5)
+    client, _ = await connect("gone3")
+    refused_client = await connect.plain("gone3", last_seq=5)
     await refused(refused_client)
     await client.send({"type": "disconnect"})
     await client.closed()
-    await poll(http_server_client, "/api/websocket/stats", lambda _, b: b["active_connections"] == 0)
-    await poll(http_server_client, "/api/sessions/gone3", lambda c, b: c == 200 and b["connections"] == [])
+    await wait_until(lambda: stats(http_server_client), lambda b: b["active_connections"] == 0)
+    await wait_until(lambda: session_info(http_server_client, "gone3"), no_connections)
 
 
 # -- 11. DELETE /api/sessions/{id} ---------------------------------------------
@@ -1027,10 +951,10 @@ async def test_a_server_closed_connection_leaves_no_trace(connect, http_server_c
 
 async def test_delete_session_closes_clients_and_a_later_publish_starts_afresh(connect, http_server_client):
     await publish(http_server_client, "del1", tasks("a", "b"))
-    first, old = await greeted(connect, "del1")
-    second, _ = await greeted(connect, "del1", research=True)
-    await read_events(first, 2)
-    await read_events(second, 2)
+    first, old = await connect("del1")
+    second, _ = await connect("del1", research=True)
+    await session_messages(first, 2)
+    await session_messages(second, 2)
 
     response = await http_server_client.fetch("/api/sessions/del1", method="DELETE")
     assert response.code == 200
@@ -1049,18 +973,18 @@ async def test_delete_session_closes_clients_and_a_later_publish_starts_afresh(c
     assert session["epoch"] != old["epoch"]
     assert session["last_seq"] == 1
 
-    client, hello = await greeted(connect, "del1", research=True)
+    client, hello = await connect("del1", research=True)
     assert hello["epoch"] == session["epoch"]
-    assert [(m["seq"], m["task_id"]) for m in await read_events(client, 1)] == [(1, "fresh")]
+    assert [(m["seq"], m["task_id"]) for m in await session_messages(client, 1)] == [(1, "fresh")]
 
 
 async def test_reconnect_with_the_old_epoch_after_delete_gets_a_gap(connect, http_server_client):
     await publish(http_server_client, "del2", tasks("a", "b", "c"))
-    _, old = await greeted(connect, "del2", replay="none")
+    _, old = await connect("del2", replay="none")
     await http_server_client.fetch("/api/sessions/del2", method="DELETE")
     await publish(http_server_client, "del2", tasks("fresh"))
-    client = await connect("del2", last_seq=3, epoch=old["epoch"])
+    client = await connect.plain("del2", last_seq=3, epoch=old["epoch"])
     hello = await client.expect(type="connected")
     assert hello["epoch"] != old["epoch"]
     assert await client.receive() == {"type": "gap", "from_seq": 1, "to_seq": None, "epoch": hello["epoch"]}
-    assert [m["task_id"] for m in await read_events(client, 1)] == ["fresh"]
+    assert [m["task_id"] for m in await session_messages(client, 1)] == ["fresh"]
