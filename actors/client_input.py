@@ -2,7 +2,7 @@
 
 Pure functions and two small counters, no actor: the connection actor calls
 them and turns a `ClientInputError` into the `error` message the protocol
-prescribes (docs/protocol.md section 3, "Client to server" and "Bad input").
+prescribes (docs/protocol.md sections 3.6 and 3.10).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import orjson
 
 __all__ = ["ERROR_WINDOW", "ClientInputError", "ErrorWindow", "RateBucket", "parse_client_message"]
 
-#: Window for counting a client's errors (docs/protocol.md section 3: a sliding 60 s).
+#: Window for counting a client's errors (docs/protocol.md section 3.10: a sliding 60 s).
 ERROR_WINDOW = 60.0
 
 

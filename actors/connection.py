@@ -3,7 +3,7 @@
 Outbound, a burst of frames already in its mailbox goes out in one write;
 while the transport has not taken a write, what arrives waits in the
 `Outbox` and goes out together in the next one (coalescing). The outbox
-decides what a slow consumer loses (docs/protocol.md section 3); this actor
+decides what a slow consumer loses (docs/protocol.md section 3.9); this actor
 keeps the timers (heartbeat, token expiry), the client protocol (inbound
 frames: WebSocket only) and the glue. It writes through a `Transport`
 (actors/transport.py) without knowing which wire that is, so it serves

@@ -1,6 +1,6 @@
 """DedupWindow: the event ids a session accepted recently, and the seq each got.
 
-Idempotent publishing (docs/protocol.md section 4): an event whose
+Idempotent publishing (docs/protocol.md section 2.6): an event whose
 `event_id` the session accepted within `dedup_window` seconds is answered
 with the seq the first one has by then (None while it is held by throttling,
 or if it was discarded) and not delivered again. A plain object with the time

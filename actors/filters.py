@@ -1,4 +1,4 @@
-"""Per-connection event filters (the `events` grammar of PROTOCOL.md section 3).
+"""Per-connection event filters (the `events` grammar of docs/protocol.md section 3.4).
 
 The session actor asks `admits(type)` for every message and every connection, so a
 filter is an immutable, precomputed value and that check is one frozenset lookup."""

@@ -1,7 +1,7 @@
 """Heartbeat: when a connection probes its peer, gives up on it, or sends a keepalive.
 
 A plain policy object, numbers in and decisions out, read by the connection
-actor's single timer (docs/protocol.md section 3, "Server initiated"): a
+actor's single timer (docs/protocol.md section 3.9): a
 `keepalive` message after `keepalive_interval` seconds without a write, a
 liveness probe (a WebSocket ping) every `ws_ping_interval`, and a peer that
 has not answered a probe within `ws_ping_timeout` is dead.

@@ -1,6 +1,6 @@
 """TokenLease: how long a connection's token lets it stay, and how a refresh extends that.
 
-With tokens configured (docs/protocol.md section 5), a connection lives
+With tokens configured (docs/protocol.md sections 3.2 and 6), a connection lives
 until its token's `exp` unless the client sends `refresh` with a new token
 for the same session and user first. The check itself is the broker's
 (it knows the keys); the lease only holds the outcome.

@@ -4,8 +4,8 @@ A plain object, no actor and no clock, so its decisions are tested numbers
 in, decisions out (like `actors.throttle.ProgressThrottle`). The connection
 actor pushes frames in and asks for the next batch to write; the outbox
 answers what to write, when a close is due, and whether the client is over
-`max_queue_bytes` (docs/protocol.md section 3, "Bad input": a client that
-does not read).
+`max_queue_bytes` (docs/protocol.md section 3.9: a client that does not
+read).
 
 What it counts: live bytes queued plus live bytes of the write in flight.
 Replayed history is written the same way but never counted and never

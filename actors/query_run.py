@@ -4,7 +4,7 @@ The session actor owns one `QueryRunner` and hands it what concerns queries
 (a client's StartQuery, the backend's QueryEvents, the session's end); the
 runner decides what the session publishes and hands each event back through
 `commit`, so every query message gets its seq in the session's one order
-(docs/protocol.md section 3, "Client to server": queries).
+(docs/protocol.md section 3.7).
 """
 
 from __future__ import annotations

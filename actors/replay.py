@@ -1,4 +1,4 @@
-"""What a connection receives from history when it attaches (docs/protocol.md section 3, "Replay and recovery").
+"""What a connection receives from history when it attaches (docs/protocol.md section 3.5).
 
 Pure: history and the request in, frames out. With `last_seq` the client
 gets exactly what came after it (a `gap` first for what was evicted, or a

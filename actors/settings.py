@@ -15,7 +15,7 @@ __all__ = ["ActorSettings", "SettingsGetter"]
 
 
 class ActorSettings(Protocol):
-    """Read-only view of the settings sessions and connections follow (docs/protocol.md section 6)."""
+    """Read-only view of the settings sessions and connections follow (docs/protocol.md section 5)."""
 
     @property
     def buffer_size(self) -> int: ...

@@ -1,4 +1,4 @@
-"""Throttling policy for `task_progress` events (PROTOCOL.md section 4).
+"""Throttling policy for `task_progress` events (docs/protocol.md section 2.7).
 
 This is only the decision: it never reads a clock, sets a timer or sends
 anything. The session actor passes `now` in and acts on the answer, so the
@@ -17,7 +17,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Offer", "ProgressThrottle", "Verdict"]
+__all__ = ["Event", "Offer", "ProgressThrottle", "Verdict"]
+
+Event = dict[str, Any]  # a validated `task_progress` event, as published
 
 
 class Verdict(enum.Enum):
@@ -36,7 +38,7 @@ class Offer:
     """
 
     verdict: Verdict
-    superseded: Any | None
+    superseded: Event | None
     flush_at: float | None
 
 
@@ -49,13 +51,13 @@ class _Task:
         self.last_at: float | None = None  # None: nothing delivered yet, next one is "first"
         self.last_progress: float = 0
         self.last_action: Any = None
-        self.held: Any | None = None
+        self.held: Event | None = None
         self.finished = False
         # Survives finish()/start(): the caller's timer is still out there, and
         # counting it keeps the one-timer-per-task promise across a restart.
         self.timer_pending = False
 
-    def deliver(self, event: dict, now: float) -> Any | None:
+    def deliver(self, event: Event, now: float) -> Event | None:
         """Record `event` as delivered; return the held event this discards."""
         dropped, self.held = self.held, None
         self.last_at = now
@@ -78,7 +80,7 @@ class ProgressThrottle:
         self.max_interval = max_interval
         self._tasks: dict[str, _Task] = {}
 
-    def _wanted(self, task: _Task, event: dict) -> bool:
+    def _wanted(self, task: _Task, event: Event) -> bool:
         """True when the event carries news worth sending right away."""
         progress = event["progress"]
         return (
@@ -88,7 +90,7 @@ class ProgressThrottle:
             or event.get("current_action") != task.last_action
         )
 
-    def offer(self, task_id: str, event: dict, now: float) -> Offer:
+    def offer(self, task_id: str, event: Event, now: float) -> Offer:
         """Decide on one `task_progress` event arriving at `now`."""
         task = self._tasks.get(task_id)
         if task is None:
@@ -104,7 +106,7 @@ class ProgressThrottle:
         assert task.last_at is not None  # a hold always follows a delivery
         return Offer(Verdict.HOLD, superseded, max(now, task.last_at + self.max_interval))
 
-    def flush(self, task_id: str, now: float) -> tuple[Any | None, float | None]:
+    def flush(self, task_id: str, now: float) -> tuple[Event | None, float | None]:
         """The task's timer fired: deliver what is held if it is due."""
         task = self._tasks.get(task_id)
         if task is None:
@@ -121,7 +123,7 @@ class ProgressThrottle:
         task.deliver(event, now)
         return event, None
 
-    def finish(self, task_id: str) -> Any | None:
+    def finish(self, task_id: str) -> Event | None:
         """`task_completed` / `task_failed`: drop what is held, refuse what follows."""
         task = self._tasks.get(task_id)
         if task is None:

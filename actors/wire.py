@@ -4,7 +4,7 @@ Everything a client can see by name or number is defined here once, below
 both `actors` and `broker`/`handlers`, so a rule and the text that explains
 it to a client cannot drift apart between the places that enforce it (the
 publish validator, the WebSocket and SSE handshakes, research start, the
-filter grammar). See docs/protocol.md sections 1 to 3.
+filter grammar). See docs/protocol.md sections 1 to 3 (close codes: 3.11).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
 
 
 class CloseCode(IntEnum):
-    """Every WebSocket close code the broker sends (docs/protocol.md section 3)."""
+    """Every WebSocket close code the broker sends (docs/protocol.md section 3.11)."""
 
     #: a normal end: the client asked, the session was deleted, a dead peer's pings timed out
     NORMAL = 1000

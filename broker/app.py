@@ -11,17 +11,19 @@ from broker.metrics import broker_registry
 from handlers.base import ApiHandler
 from handlers.body import SmallBody
 from handlers.health import HealthzHandler, ReadyzHandler
+from handlers.hosts import HostCheckedApplication
 from handlers.metrics import MetricsHandler
 from handlers.publish import PublishHandler, SmallPublishHandler
 from handlers.research import BroadcastHandler, ResearchStartHandler
 from handlers.sessions import SessionHandler
+from handlers.static import STATIC_ROUTES, StaticHandler
 from handlers.stats import StatsHandler
 from handlers.ws import BrokerWebSocket, ResearchWebSocket
 
-#: The server's limit on a request body, for handlers that do not stream
-#: theirs (GET, DELETE: none needs a body). Every POST streams its body and
-#: raises this per request to answer oversize bodies with a 413
-#: (handlers/body.py).
+#: The server's limit on a request body read whole: GET and DELETE (which need
+#: none) and the small publish bodies that `SmallBody` routes to a buffered
+#: handler. Every other POST streams its body and raises the limit per request
+#: to answer an oversize body with a 413 (handlers/body.py).
 SERVER_MAX_BODY = 64 * 1024
 
 
@@ -37,7 +39,8 @@ def make_app(broker: Broker) -> tornado.web.Application:
     session_events = r"/api/sessions/([^/]+)/events"
     # Tornado tries the rules in order, one regex each: publishing (the hot
     # path) comes first, then the WebSocket handshakes. No two paths overlap.
-    return tornado.web.Application(
+    # Every route is behind the allowed_hosts check (421), WebSocket and SSE handshakes too.
+    return HostCheckedApplication(
         [
             tornado.routing.Rule(SmallBody(session_events, broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
             (session_events, PublishHandler, deps),
@@ -53,7 +56,10 @@ def make_app(broker: Broker) -> tornado.web.Application:
             (r"/api/research/start", ResearchStartHandler, deps),
             (r"/api/broadcast", BroadcastHandler, deps),
             (r"/api/sessions/([^/]+)", SessionHandler, deps),
+            # The live page and the browser client (handlers/static.py).
+            *((route, StaticHandler, {**deps, "name": name}) for route, name in STATIC_ROUTES),
         ],
+        broker=broker,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
         log_function=log_request,

@@ -10,7 +10,7 @@ The life of a daemon, in order:
    the pings and systemd restarts the service) and `STATUS=` with live
    counts every few seconds;
 3. SIGHUP: reload the configuration file (see `Daemon.reload`);
-4. SIGTERM / SIGINT: `STOPPING=1`, then the drain of PROTOCOL.md section 3:
+4. SIGTERM / SIGINT: `STOPPING=1`, then the drain of docs/protocol.md section 3.8:
    `/readyz` 503, new handshakes and publishes 503, every client gets
    `server_shutdown` then close 1001, actors stop (connections, then
    sessions, then the rest), the HTTP server stops; exit 0 within
@@ -338,10 +338,14 @@ class Daemon:
             sys.stdout.flush()
         os._exit(128 + signum)
 
+    def _ping_watchdog(self) -> None:
+        # PeriodicCallback awaits what its callback returns: the notifier's bool is not for it.
+        self.notifier.watchdog()
+
     def _start_periodic(self) -> None:
         if self.watchdog_period is not None:
             self.notifier.watchdog()
-            self._periodic.append(PeriodicCallback(self.notifier.watchdog, self.watchdog_period * 1000))
+            self._periodic.append(PeriodicCallback(self._ping_watchdog, self.watchdog_period * 1000))
         if self.notifier.enabled:
             self._periodic.append(PeriodicCallback(self._send_status, STATUS_INTERVAL * 1000))
         self._periodic.append(PeriodicCallback(self._thaw_when_due, THAW_CHECK_INTERVAL * 1000))

@@ -1,6 +1,6 @@
 """Typed constructors for the known domain events, for in-process publishers.
 
-Each returns a plain event dict (PROTOCOL.md section 1) ready for
+Each returns a plain event dict (docs/protocol.md section 2.3) ready for
 `Broker.emit()` / `Broker.publish_events()`; extra keyword arguments become
 payload fields. Nothing here validates: the broker does, the same way for
 HTTP and in-process publishers.

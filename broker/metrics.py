@@ -14,10 +14,9 @@ Thread-safety: `collect()` reads plain integers that only the dispatcher
 thread writes, so it must run on that thread too; the `/metrics` handler
 does (Tornado handlers and actors share the IOLoop thread).
 
-Not here: a publish-to-write latency histogram. It needs the time a frame
-was published carried to the moment its connection writes it, which is a
-change to the actors (`Frame`, `ConnectionActor`), not something a scrape
-can reconstruct.
+Publish-to-write latency comes from the same counters: each Frame carries
+the moment its session made it (`Frame.born`), and a connection observes it
+into `BrokerStats.write_latency` when it hands the frame to its transport.
 """
 
 from __future__ import annotations

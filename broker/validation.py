@@ -1,4 +1,4 @@
-"""Parsing and validation of what publishers POST (PROTOCOL.md sections 1 and 5).
+"""Parsing and validation of what publishers POST (docs/protocol.md section 2).
 
 The HTTP handlers stay thin: they hand the raw body and its Content-Type to
 `parse_body`, pass the resulting items to `normalize_events`, and map the three

@@ -1,7 +1,7 @@
 """The WebSocket endpoints: `/ws` and `/ws/research/{session_id}`.
 
-A thin adapter. The handshake's parameters are checked here (close 1008
-before any data); then a ConnectionActor owns the socket: frames from the
+A thin adapter. The handshake's parameters are checked by
+handlers/handshake.py, as for SSE (close 1008 before any data); then a ConnectionActor owns the socket: frames from the
 client are told to it, and it writes back through this handler as its
 Transport. The handler keeps no session state.
 """
@@ -17,25 +17,25 @@ import tornado.websocket
 from pykka import ActorDeadError
 from tornado.iostream import StreamClosedError
 
-from actors.filters import FilterError, parse_events_param
 from actors.messages import ClientMessage, Frame, TransportClosed
-from actors.wire import CloseCode, session_id_problem
+from actors.wire import CloseCode
 from broker.core import Broker, OpenConnection
-from broker.tokens import TokenError, TokenVerifier, looks_like_jwt, unverified_subject
+from broker.tokens import TokenError, looks_like_jwt
 from handlers.base import RequestIdMixin
+from handlers.handshake import (
+    HANDSHAKE_ARGUMENTS,
+    HandshakeArguments,
+    HandshakeError,
+    claimed_user,
+    grant_token,
+    parse_handshake,
+)
 from handlers.origins import origin_allowed
 
 log = structlog.get_logger("actor_broker.ws")
 
-_REPLAY_MODES = frozenset({"all", "missed", "none"})
-_HANDSHAKE_ARGUMENTS = ("session_id", "user_id", "events", "replay", "last_seq", "epoch")
 
-
-class HandshakeError(ValueError):
-    """A bad handshake parameter; its text is the 1008 close reason."""
-
-
-class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
+class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebSocketHandler):
     # Ours in slots: Tornado's ~27 attributes then still fit a shared-key
     # instance dict (at most 30 keys), ~1.3 KiB less per connection.
     __slots__ = (
@@ -52,7 +52,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     default_replay = "missed"
 
     @property
-    def max_message_size(self) -> int:  # type: ignore[override]
+    def max_message_size(self) -> int:
         """How large a frame Tornado reads in full before handing it to on_message.
 
         Larger than max_message_size on purpose: Tornado refuses an oversize
@@ -93,7 +93,7 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     # -- handshake -----------------------------------------------------------
 
     def check_origin(self, origin: str) -> bool:
-        """Browsers only: the configured origins (PROTOCOL.md section 5); 403 otherwise."""
+        """Browsers only: the configured origins (docs/protocol.md section 6); 403 otherwise."""
         return origin_allowed(origin, self.request.host, self.broker.settings.allowed_origins)
 
     def prepare(self) -> None:
@@ -111,29 +111,13 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     def _raw_session_id(self, *args: Any) -> str | None:
         return self.get_query_argument("session_id", None)
 
-    def decode_argument(self, value: bytes, name: str | None = None) -> str:
-        """Query and path arguments as text. One that is not UTF-8 is refused by `open`
-        with 1008, like any bad parameter: tornado's own answer would be a 400 at the
-        handshake, or, for arguments first read in `open`, a dropped socket with no close code.
-        A token that is not UTF-8 reads as empty: a malformed token (4001 where tokens are required).
-        """
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            if self._undecodable is None and name != "token":
-                self._undecodable = name or "session_id"  # the only path argument is the session
-            return ""
-
     def _claimed_user(self) -> str | None:
         """The user a handshake claims, for the per-user limit (checked before the token is)."""
-        user_id = self.get_query_argument("user_id", None) or None
-        if user_id is None and self.broker.tokens.required:
-            token = self.get_query_argument("token", None)
-            if token is None:
-                offered = self.request.headers.get("Sec-WebSocket-Protocol", "")
-                token = next((p for p in (s.strip() for s in offered.split(",")) if looks_like_jwt(p)), None)
-            user_id = unverified_subject(token)
-        return user_id
+        token = self.get_query_argument("token", None)
+        if token is None and self.broker.tokens.required:
+            offered = self.request.headers.get("Sec-WebSocket-Protocol", "")
+            token = next((p for p in (s.strip() for s in offered.split(",")) if looks_like_jwt(p)), None)
+        return claimed_user(self.get_query_argument("user_id", None), token, self.broker.tokens)
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -141,17 +125,11 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         except HandshakeError as exc:
             self.close(CloseCode.POLICY_VIOLATION, str(exc)[:120])
             return
-        tokens = self.broker.tokens
-        if tokens.required:
-            token = self.get_query_argument("token", None) or self._protocol_token
-            try:
-                grant = tokens.verify(token, params["session_id"], params["user_id"])
-            except TokenError as exc:
-                self.close(exc.code, exc.reason)
-                return
-            params["user_id"] = grant.user_id
-            params["expires_at"] = grant.expires_at
-            params["refresh"] = _refresher(tokens, params["session_id"], grant.user_id)
+        try:
+            grant_token(self.broker.tokens, self.get_query_argument("token", None) or self._protocol_token, params)
+        except TokenError as exc:
+            self.close(exc.code, exc.reason)
+            return
         self.session_id = params["session_id"]
         self.user_id = params["user_id"]
         self.transport = SocketTransport(self)
@@ -160,41 +138,15 @@ class BrokerWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         )
 
     def _parse(self, *args: Any) -> dict[str, Any]:
-        for name in _HANDSHAKE_ARGUMENTS:  # decode each now, so one that is not UTF-8 is seen here
-            self.get_query_arguments(name)
-        if self._undecodable is not None:
-            raise HandshakeError(f"{self._undecodable} is not valid UTF-8")
-        session_id = self._raw_session_id(*args)
-        if not session_id:
-            raise HandshakeError("session_id is required")
-        problem = session_id_problem(session_id)
-        if problem is not None:
-            raise HandshakeError(problem)
-        user_id = self.get_query_argument("user_id", None) or None  # empty means absent
-        if user_id is not None and len(user_id) > 128:
-            raise HandshakeError("user_id must be at most 128 characters")
-        try:
-            event_filter = parse_events_param(self.get_query_argument("events", None), self.broker.settings.presets)
-        except FilterError as exc:
-            raise HandshakeError(str(exc)) from exc
-        replay = self.get_query_argument("replay", None) or self.default_replay
-        if replay not in _REPLAY_MODES:
-            raise HandshakeError("replay must be all, missed or none")
-        last_seq: int | None = None
-        raw_last_seq = self.get_query_argument("last_seq", None)
-        if raw_last_seq is not None:
-            if not (raw_last_seq.isascii() and raw_last_seq.isdigit()) or len(raw_last_seq) > 64:
-                raise HandshakeError("last_seq must be a non-negative integer")
-            last_seq = int(raw_last_seq)
-        epoch = self.get_query_argument("epoch", None) or None
-        return {
-            "session_id": session_id,
-            "user_id": user_id,
-            "event_filter": event_filter,
-            "replay": replay,
-            "last_seq": last_seq,
-            "epoch": epoch,
-        }
+        # Every argument is decoded before any check, so one that is not UTF-8 is seen first.
+        arguments = {name: self.get_query_argument(name, None) for name in HANDSHAKE_ARGUMENTS}
+        return parse_handshake(
+            arguments,
+            self._raw_session_id(*args),
+            presets=self.broker.settings.presets,
+            default_replay=self.default_replay,
+            undecodable=self._undecodable,
+        )
 
     # -- frames in -----------------------------------------------------------
 
@@ -270,7 +222,7 @@ class SocketTransport:
 
     def write(self, frames: list[Frame], on_flushed: Callable[[], None]) -> bool:
         connection = self.handler.ws_connection
-        if connection is None or connection.is_closing():
+        if connection is None or connection.stream is None or connection.is_closing():
             raise tornado.websocket.WebSocketClosedError()
         wires = []
         for frame in frames:
@@ -295,18 +247,6 @@ class SocketTransport:
     def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(StreamClosedError):
             self.handler.close(code, reason)
-
-
-def _refresher(tokens: TokenVerifier, session_id: str, user_id: str) -> Callable[[str], float]:
-    """The connection actor's check of a refresh token: same session, same user."""
-
-    def refresh(token: str) -> float:
-        try:
-            return tokens.verify(token, session_id, user_id).expires_at
-        except TokenError as exc:
-            raise ValueError(exc.reason) from exc
-
-    return refresh
 
 
 class ResearchWebSocket(BrokerWebSocket):

@@ -1,4 +1,4 @@
-"""Configuration loading (PROTOCOL.md section 6): pure tests, no server.
+"""Configuration loading (docs/protocol.md section 5): pure tests, no server.
 
 They pin the contract operators rely on: file < environment < flags, every
 problem is one line naming the key, config/broker.toml is the defaults, and

@@ -1,4 +1,4 @@
-"""Event filters: the `events` grammar of PROTOCOL.md section 3."""
+"""Event filters: the `events` grammar of docs/protocol.md section 3.4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile input against the real application (PROTOCOL.md sections 3 and 5).
+"""Hostile input against the real application (docs/protocol.md sections 2, 3 and 6).
 
 Property-based tests (hypothesis) that throw arbitrary WebSocket frames, JSON
 shapes, unicode, huge numbers, deeply nested payloads, malformed publish
@@ -536,7 +536,7 @@ CONTENT_TYPES = st.one_of(
 EVENT_SESSIONS = st.sampled_from([TARGET_SESSION, "target.other"]) | st.text(max_size=20).filter(
     lambda s: s != WITNESS_SESSION
 )
-#: PROTOCOL.md section 1, the known types and the fields each requires, with well-typed values.
+#: docs/protocol.md section 2.3, the known types and the fields each requires, with well-typed values.
 GOOD_FIELDS: dict[str, Any] = {
     "task_id": st.text(min_size=1, max_size=8),
     "progress": st.integers(0, 100) | st.floats(0, 100),
@@ -651,7 +651,7 @@ PUBLISH_BODIES = st.one_of(
 
 
 def media_type_ok(content_type: str) -> bool:
-    """PROTOCOL.md section 5: JSON or NDJSON, any case, with no charset or utf-8."""
+    """docs/protocol.md section 2.2: JSON or NDJSON, any case, with no charset or utf-8."""
     media, *params = content_type.split(";")
     if media.strip().lower() not in (JSON, NDJSON):
         return False

@@ -1,4 +1,4 @@
-"""Every limit of PROTOCOL.md sections 3, 5 and 6 over real sockets: refused as documented, and counted.
+"""Every limit of docs/protocol.md section 5 over real sockets: refused as documented, and counted.
 
 The real application on a real port (pytest-tornasync). Each test sets one
 limit small, goes past it, and checks three things: the refusal a client

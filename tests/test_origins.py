@@ -1,4 +1,4 @@
-"""Browser origins (PROTOCOL.md section 5): the `allowed_origins` rule, at WebSocket handshakes and as CORS.
+"""Browser origins (docs/protocol.md section 6): the `allowed_origins` rule, at WebSocket handshakes and as CORS.
 
 `handlers.origins.origin_allowed` is tested pure first; then over real
 sockets: what a refused handshake leaves behind, and CORS on the HTTP API

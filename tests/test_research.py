@@ -27,7 +27,7 @@ from tests.test_session import World
 
 JSON = {"Content-Type": "application/json"}
 QUERY = "How do actor brokers keep order?"
-#: The presets as PROTOCOL.md section 3 writes them (None: everything).
+#: The presets as docs/protocol.md section 3.4 writes them (None: everything).
 PRESETS: dict[str, frozenset[str] | None] = {
     "all": None,
     "essential": frozenset(

@@ -8,7 +8,7 @@ is the long run) the real application on a real port gets, all at once:
 * well-behaved readers on every session, on both endpoints: each must receive
   every `seq`, in order, with no duplicates and no gap. Some hang up every
   few dozen messages and come back with `last_seq` + `epoch`; any that the
-  server closes as a slow consumer (4008) does the same, as PROTOCOL.md says a
+  server closes as a slow consumer (4008) does the same, as docs/protocol.md section 3.9 says a
   client can;
 * churners that connect, ping and leave (by `disconnect` or by closing);
 * slow readers on the firehose session that never read, with

@@ -1,4 +1,4 @@
-"""ProgressThrottle: the task_progress rules of PROTOCOL.md section 4, with explicit times."""
+"""ProgressThrottle: the task_progress rules of docs/protocol.md section 2.7, with explicit times."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a publisher notices about broker.validation (PROTOCOL.md sections 1 and 5).
+"""What a publisher notices about broker.validation (docs/protocol.md section 2).
 
 The expected values are written out here from the protocol rather than derived
 from the module's own tables, so a drift between code and contract fails.

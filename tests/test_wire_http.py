@@ -1,6 +1,6 @@
 """The HTTP API over a real socket, as a publisher or an operator sees it.
 
-PROTOCOL.md sections 1, 2, 4 and 5: publishing (`POST /api/sessions/{id}/events`,
+docs/protocol.md sections 2 and 4: publishing (`POST /api/sessions/{id}/events`,
 `POST /api/events`), what connected clients receive, throttling and
 idempotency as seen in the answers, the error table, session inspection and
 deletion, stats, request ids and probes, and publisher auth.
@@ -26,6 +26,7 @@ from tornado.httpclient import HTTPResponse
 
 from broker.testing import WebSocketClient
 from tests.support import with_settings
+from tests.support.wire import get_json, json_of, post, post_events, publish, stats
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -91,44 +92,6 @@ def ndjson(events: list[dict[str, Any]], newline: bytes = b"\n") -> bytes:
     return b"".join(orjson.dumps(event) + newline for event in events)
 
 
-async def post(
-    client: Any, path: str, body: bytes, content_type: str = JSON, headers: dict[str, str] | None = None
-) -> HTTPResponse:
-    sent = {"Content-Type": content_type, **(headers or {})}
-    return await client.fetch(path, method="POST", headers=sent, body=body, raise_error=False)
-
-
-async def post_events(
-    client: Any, session_id: str | None, events: Any, headers: dict[str, str] | None = None
-) -> HTTPResponse:
-    """POST events (an object or a list) as JSON; session_id=None posts to /api/events."""
-    path = "/api/events" if session_id is None else f"/api/sessions/{session_id}/events"
-    return await post(client, path, orjson.dumps(events), headers=headers)
-
-
-async def publish(client: Any, session_id: str | None, events: Any) -> list[int | None]:
-    """Publish and return the seqs, failing the test on anything but 202."""
-    response = await post_events(client, session_id, events)
-    assert response.code == 202, response.body
-    return json_of(response)["seq"]
-
-
-def json_of(response: HTTPResponse) -> Any:
-    assert response.headers.get("Content-Type", "").startswith(JSON), response.headers
-    return orjson.loads(response.body)
-
-
-async def get_json(client: Any, path: str, **kwargs: Any) -> tuple[int, Any]:
-    response = await client.fetch(path, raise_error=False, **kwargs)
-    return response.code, json_of(response)
-
-
-async def stats(client: Any) -> dict[str, Any]:
-    code, body = await get_json(client, "/api/websocket/stats")
-    assert code == 200
-    return body
-
-
 async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send bytes as they are (no client defaults added); return status, headers, body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -168,26 +131,6 @@ async def stdlib_post(port: int, path: str, body: bytes, headers: dict[str, str]
 def assert_timestamp(value: Any) -> datetime:
     assert isinstance(value, str) and TIMESTAMP_RE.match(value), value
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
-@pytest.fixture
-def connect(port):
-    """Open WebSocket clients that are attached (greeted); all closed at teardown."""
-    clients: list[WebSocketClient] = []
-
-    async def open_client(session_id: str, *, endpoint: str = "research", **params: Any):
-        if endpoint == "research":
-            client = await WebSocketClient.connect(port, f"/ws/research/{session_id}", **params)
-            hello = await client.expect(type="connection_established", session_id=session_id)
-        else:
-            client = await WebSocketClient.connect(port, "/ws", session_id=session_id, **params)
-            hello = await client.expect(type="connected", session_id=session_id)
-        clients.append(client)
-        return client, hello
-
-    yield open_client
-    for client in clients:
-        client.close()
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +175,7 @@ async def test_charset_utf8_parameter_is_accepted(http_server_client, content_ty
 
 
 async def test_event_may_repeat_the_session_id_of_the_path(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     assert await publish(http_server_client, "s1", {"type": "session_started", "session_id": "s1"}) == [1]
     assert await publish(http_server_client, "s1", {"type": "session_started"}) == [2]
     first = await client.expect(type="session_started", seq=1)
@@ -259,8 +202,8 @@ async def test_event_naming_another_session_than_the_path_is_422(http_server_cli
 
 async def test_batch_of_several_sessions_gets_per_session_seqs_in_order(http_server_client, connect):
     assert await publish(http_server_client, "a", {"type": "session_started"}) == [1]
-    client_a, _ = await connect("a", replay="none")
-    client_b, _ = await connect("b", replay="none")
+    client_a, _ = await connect("a", research=True, replay="none")
+    client_b, _ = await connect("b", research=True, replay="none")
     batch = [
         {"type": "task_started", "session_id": "a", "task_id": "a1"},
         {"type": "task_started", "session_id": "b", "task_id": "b1"},
@@ -306,7 +249,7 @@ async def test_batch_event_without_session_id_is_422_naming_its_index(http_serve
 
 
 async def test_client_receives_the_event_flat_with_seq_and_epoch(http_server_client, connect):
-    client, hello = await connect("s1")
+    client, hello = await connect("s1", research=True)
     event = {
         "type": "report_generated",
         "report": {"title": "Findings", "sections": [{"h": "one"}, {"h": "two"}]},
@@ -322,14 +265,14 @@ async def test_client_receives_the_event_flat_with_seq_and_epoch(http_server_cli
 
 
 async def test_any_well_formed_custom_type_is_delivered(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     await publish(http_server_client, "s1", {"type": "build.step_2", "anything": {"goes": None}})
     message = await client.expect(type="build.step_2", seq=1)
     assert message["anything"] == {"goes": None}
 
 
 async def test_event_id_correlation_id_and_timestamp_are_generated_when_absent(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     before = datetime.now(UTC).replace(microsecond=0)
     await publish(http_server_client, "s1", [{"type": "session_started"}, {"type": "session_completed"}])
     first = await client.expect(type="session_started", seq=1)
@@ -344,7 +287,7 @@ async def test_event_id_correlation_id_and_timestamp_are_generated_when_absent(h
 
 
 async def test_event_id_correlation_id_and_timestamp_are_kept_when_given(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     given = {"event_id": "ev-42", "correlation_id": "req-7", "timestamp": "2025-10-25T12:34:56.123Z"}
     await publish(http_server_client, "s1", {"type": "session_started", **given})
     message = await client.expect(type="session_started", seq=1)
@@ -352,14 +295,14 @@ async def test_event_id_correlation_id_and_timestamp_are_kept_when_given(http_se
 
 
 async def test_a_given_timestamp_reaches_clients_in_the_protocol_form(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     await publish(http_server_client, "s1", {"type": "session_started", "timestamp": "2025-10-25T14:34:56.5+02:00"})
     message = await client.expect(type="session_started", seq=1)
     assert message["timestamp"] == "2025-10-25T12:34:56.500Z"
 
 
 async def test_a_timestamp_that_is_not_iso_8601_is_422_and_publishes_nothing(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     batch = [{"type": "session_started"}, {"type": "task_started", "task_id": "t", "timestamp": "last tuesday"}]
     response = await post_events(http_server_client, "s1", batch)
     assert response.code == 422
@@ -402,7 +345,7 @@ async def test_progress_with_a_new_current_action_is_delivered(http_server_clien
 
 @no_trailing_edge
 async def test_progress_after_task_completed_is_never_delivered(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     seqs = await publish(
         http_server_client,
         "s1",
@@ -428,7 +371,7 @@ async def test_throttled_events_counts_the_progress_never_delivered(http_server_
 
 @with_settings(max_interval_ms=50)
 async def test_held_progress_is_delivered_within_max_interval_with_the_next_seq(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     seqs = await publish(
         http_server_client,
         "s1",
@@ -449,7 +392,7 @@ async def test_held_progress_is_delivered_within_max_interval_with_the_next_seq(
 
 
 async def test_repeated_event_id_answers_the_first_seq_and_is_not_delivered_again(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     event = {"type": "task_started", "task_id": "t1", "event_id": "ev-1"}
     assert await publish(http_server_client, "s1", event) == [1]
     response = await post_events(http_server_client, "s1", event)
@@ -461,7 +404,7 @@ async def test_repeated_event_id_answers_the_first_seq_and_is_not_delivered_agai
 
 
 async def test_repeated_event_id_inside_one_batch_is_delivered_once(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     event = {"type": "task_started", "task_id": "t1", "event_id": "ev-1"}
     response = await post_events(http_server_client, "s1", [event, event, marker()])
     assert response.code == 202
@@ -488,7 +431,7 @@ async def test_repeated_held_progress_answers_null(http_server_client):
 
 @with_settings(max_interval_ms=50)
 async def test_repeated_progress_answers_the_seq_it_got_once_delivered(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     assert await publish(http_server_client, "s1", [progress(10), progress(12, event_id="p-12")]) == [1, None]
     await client.expect(type="task_progress", progress=10, seq=1)
     await client.expect(type="task_progress", progress=12, seq=2)
@@ -694,7 +637,7 @@ async def test_422_names_every_bad_event_of_a_batch(http_server_client):
 
 async def test_batch_with_one_bad_event_publishes_nothing(http_server_client, connect):
     assert await publish(http_server_client, "s1", {"type": "session_started"}) == [1]
-    client, _ = await connect("s1", replay="none")
+    client, _ = await connect("s1", research=True, replay="none")
     batch = [{"type": "task_started", "task_id": "t1"}, progress(150), {"type": "task_started", "task_id": "t2"}]
     assert_error(await post_events(http_server_client, "s1", batch), 422)
     code, session = await get_json(http_server_client, "/api/sessions/s1")
@@ -733,8 +676,8 @@ async def test_publishing_while_draining_is_503(http_server_client, broker):
 
 
 async def test_session_shows_every_field_with_its_connections(http_server_client, connect):
-    essential, hello = await connect("s1", user_id="u1", events="essential")
-    everything, _ = await connect("s1", endpoint="ws", replay="none")
+    essential, hello = await connect("s1", research=True, user_id="u1", events="essential")
+    everything, _ = await connect("s1", replay="none")
     events = [{"type": "task_started", "task_id": "t1"}, {"type": "task_completed", "task_id": "t1"}]
     assert await publish(http_server_client, "s1", events) == [1, 2]
     await essential.expect(type="task_completed", seq=2)
@@ -772,7 +715,7 @@ async def test_session_shows_every_field_with_its_connections(http_server_client
 
 
 async def test_session_opened_by_a_client_has_no_events_yet(http_server_client, connect):
-    _, hello = await connect("s1")
+    _, hello = await connect("s1", research=True)
     code, session = await get_json(http_server_client, "/api/sessions/s1")
     assert code == 200
     assert session["epoch"] == hello["epoch"]
@@ -794,7 +737,7 @@ async def test_deleted_session_is_gone(http_server_client):
 
 
 async def test_deleting_a_session_closes_its_clients(http_server_client, connect):
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     response = await http_server_client.fetch("/api/sessions/s1", method="DELETE", raise_error=False)
     assert response.code == 200
     await client.expect(type="session_closed", session_id="s1")
@@ -865,9 +808,9 @@ async def test_stats_counters_follow_events_and_clients(http_server_client, conn
     assert counters["total_messages_sent"] == 0, "nobody is connected"
     assert (counters["active_connections"], counters["connected_sessions"]) == (0, [])
 
-    client, _ = await connect("s1")
+    client, _ = await connect("s1", research=True)
     await client.receive_until(type="test.marker", name="b")
-    await connect("s2", endpoint="ws")
+    await connect("s2")
     counters = await stats(http_server_client)
     assert counters["active_connections"] == 2
     assert counters["active_sessions"] == 2
@@ -885,7 +828,7 @@ async def test_stats_counters_follow_events_and_clients(http_server_client, conn
 
 async def test_both_stats_paths_show_the_same_counters(http_server_client, connect):
     await publish(http_server_client, "s1", [{"type": "session_started"}, progress(10), progress(11)])
-    await connect("s1")
+    await connect("s1", research=True)
     _, one = await get_json(http_server_client, STATS_PATHS[0])
     _, other = await get_json(http_server_client, STATS_PATHS[1])
     one.pop("uptime_seconds")

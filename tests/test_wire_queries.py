@@ -1,4 +1,4 @@
-"""Agent queries over real sockets (PROTOCOL.md section 3, the `query` row and query backends).
+"""Agent queries over real sockets (docs/protocol.md section 3.7).
 
 The HTTP upstream is a real Tornado server started inside each test on the
 same IOLoop, on a free port; its handlers stream NDJSON or text with a flush
