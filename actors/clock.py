@@ -12,7 +12,10 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["Clock", "LoopClock", "ManualClock", "TimerHandle"]
 
@@ -43,7 +46,7 @@ class LoopClock:
 
     __slots__ = ("_loop",)
 
-    def __init__(self, loop: object) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def monotonic(self) -> float:
@@ -54,7 +57,7 @@ class LoopClock:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         # A fresh context, as for dispatcher turns: timers fire outside any request.
-        return self._loop.call_later(max(0.0, delay), callback, context=contextvars.Context())  # type: ignore[attr-defined]
+        return self._loop.call_later(max(0.0, delay), callback, context=contextvars.Context())
 
 
 class _ManualTimer:
@@ -83,7 +86,7 @@ class ManualClock:
         self._wall_offset = wall_start - start
         self._timers: list[tuple[float, int, _ManualTimer]] = []
         self._counter = itertools.count()
-        self.after_fire: Callable[[], None] | None = None
+        self.after_fire: Callable[[], object] | None = None  # its result is ignored
 
     def monotonic(self) -> float:
         return self._now

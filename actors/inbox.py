@@ -29,7 +29,7 @@ from pykka._envelope import Envelope
 
 if TYPE_CHECKING:
     from actors.dispatcher import Dispatcher
-    from actors.runtime import LoopActor
+    from actors.runtime import LoopActor, _StoppedFlag
 
 __all__ = ["PYKKA_MESSAGES", "SPARE_QUEUES_MAX", "START", "Inbox", "LoopActorRef"]
 
@@ -191,13 +191,17 @@ class LoopActorRef(ActorRef[Any]):
     # pykka.ActorRef's own attributes, in slots: one ref per actor, 100 000 actors.
     __slots__ = ("_actor_weakref", "actor_class", "actor_inbox", "actor_stopped", "actor_urn")
 
+    # pykka's ActorRef.__init__ copies these from the LoopActor (see the declarations there).
+    actor_inbox: Inbox
+    actor_stopped: _StoppedFlag  # type: ignore[assignment]  # pykka declares a threading.Event
+
     def tell(self, message: Any) -> None:
-        if self.actor_stopped._set:  # type: ignore[attr-defined]  # noqa: SLF001
+        if self.actor_stopped._set:  # noqa: SLF001
             msg = f"{self} not found"
             raise ActorDeadError(msg)
         if message.__class__ is Envelope:  # keep "Envelope means ask" unambiguous
             message = Envelope(message)
-        inbox: Inbox = self.actor_inbox  # type: ignore[assignment]
+        inbox = self.actor_inbox
         if _get_ident() != inbox.dispatcher.thread_id:
             inbox.dispatcher.submit_from_thread(lambda: inbox._put_local(message))  # noqa: SLF001
             return

@@ -53,5 +53,7 @@ class OrderedRefSet:
 def install_fast_registry() -> None:
     """Make `ActorRegistry` store its refs in an `OrderedRefSet`. Idempotent, thread-safe."""
     with ActorRegistry._actor_refs_lock:  # noqa: SLF001
-        if not isinstance(ActorRegistry._actor_refs, OrderedRefSet):  # noqa: SLF001
+        refs: object = ActorRegistry._actor_refs  # noqa: SLF001  # typed `list` by pykka, whatever it holds now
+        if not isinstance(refs, OrderedRefSet):
+            # pykka types the store as a list; OrderedRefSet answers every list call pykka makes.
             ActorRegistry._actor_refs = OrderedRefSet(ActorRegistry._actor_refs)  # type: ignore[assignment]  # noqa: SLF001

@@ -116,6 +116,9 @@ class LoopActor(pykka.Actor):
     __slots__ = ("_actor_ref", "_stopped", "actor_inbox", "actor_stopped", "actor_urn", "dispatcher")
 
     _stopped: _StoppedFlag
+    actor_inbox: Inbox  # pykka's ActorInbox protocol, as the dispatcher's inbox implements it
+    # pykka declares a threading.Event; a LoopActor's flag is the lighter _StoppedFlag (is_set, set, wait).
+    actor_stopped: _StoppedFlag  # type: ignore[assignment]
 
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:
         # Deliberately not pykka.Actor.__init__: that allocates a
@@ -126,7 +129,7 @@ class LoopActor(pykka.Actor):
         inbox.actor = self
         self.actor_inbox = inbox
         self._stopped = _StoppedFlag()
-        self.actor_stopped = self._stopped  # type: ignore[assignment]
+        self.actor_stopped = self._stopped
         self._actor_ref = LoopActorRef(self)
         self.dispatcher = dispatcher
 
@@ -145,7 +148,7 @@ class LoopActor(pykka.Actor):
         return LoopFuture(installed_dispatcher())
 
     def _start_actor_loop(self) -> None:
-        self.actor_inbox.put_start()  # type: ignore[attr-defined]
+        self.actor_inbox.put_start()
 
     def _receive_one(self, item: Any) -> None:
         """Handle one inbox item that is not a plain tell (see Inbox.run_batch)."""
@@ -196,7 +199,7 @@ class LoopActor(pykka.Actor):
         Lets an actor batch work across messages already queued (a connection
         writes once for a burst of frames) without delaying a lone message.
         """
-        return bool(self.actor_inbox.queue)  # type: ignore[attr-defined]
+        return bool(self.actor_inbox.queue)
 
     def tell_later(self, delay: float, message: Any) -> TimerHandle:
         """Deliver `message` to this actor after `delay` seconds of its clock."""

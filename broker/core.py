@@ -62,6 +62,8 @@ async def resolve(value: Any) -> Any:
 class Broker:
     def __init__(self, settings: Settings = DEFAULT_SETTINGS) -> None:
         self.stats = BrokerStats()
+        #: the whole settings (limits, tokens, listeners); actors see the part they follow through the directory
+        self._settings = settings
         self.directory = SessionDirectory(settings, self.stats)
         self.directory.query_backend = make_query_backend(settings)
         self._dispatcher = current_dispatcher()
@@ -83,11 +85,12 @@ class Broker:
 
     @property
     def settings(self) -> Settings:
-        return self.directory.settings
+        return self._settings
 
     @settings.setter
     def settings(self, value: Settings) -> None:
         """New settings (a SIGHUP reload): every session follows them now, idle ones too."""
+        self._settings = value
         self.directory.settings = value
         for ref in self.directory.refs():
             with contextlib.suppress(pykka.ActorDeadError):
@@ -189,7 +192,8 @@ class Broker:
         settings = self.settings
         if self.draining:
             return "server is shutting down"
-        limit = None
+        limit: str | None = None
+        why = ""
         if self.open_connections >= settings.max_connections:
             limit, why = "max_connections", "too many connections"
         elif self.descriptors is not None and self.descriptors.exhausted():  # docs/protocol.md section 5, "Sockets"
@@ -322,7 +326,7 @@ class Broker:
         if ref is None:
             return None
         try:
-            info = await resolve(ref.ask(DescribeSession(), block=False))
+            info: dict[str, Any] | None = await resolve(ref.ask(DescribeSession(), block=False))
         except pykka.ActorDeadError:
             return None
         if info is None:
@@ -368,7 +372,8 @@ class Broker:
 
 async def _describe_connection(ref: ActorRef[Any]) -> dict[str, Any]:
     try:
-        return await ref.ask(DescribeConnection(), block=False)
+        answer: dict[str, Any] = await ref.ask(DescribeConnection(), block=False)
+        return answer
     except pykka.ActorDeadError:
         return {"acked_seq": None, "queued_bytes": 0, "transport": None}
 

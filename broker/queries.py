@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 from typing import Any
 
 import orjson
@@ -66,7 +67,7 @@ class DemoAgent:
         timers = _Timers()
         pieces = self.answer(request.query)
         for index, piece in enumerate(pieces, start=1):
-            timers.handles.append(clock.call_later(self.pace * index, lambda p=piece: sink.chunk(p)))
+            timers.handles.append(clock.call_later(self.pace * index, functools.partial(sink.chunk, piece)))
         timers.handles.append(clock.call_later(self.pace * (len(pieces) + 1), sink.done))
         return timers
 

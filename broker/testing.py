@@ -59,6 +59,8 @@ class ManualDispatcher(Dispatcher):
     actors, in arrival order, at the start of the next run.
     """
 
+    clock: ManualClock  # the harness advances it
+
     def __init__(self, clock: ManualClock | None = None, *, batch: int = DEFAULT_BATCH) -> None:
         super().__init__(batch=batch)
         self.clock = clock or ManualClock()
@@ -342,7 +344,7 @@ class WebSocketClient:
         data = await asyncio.wait_for(self.conn.read_message(), self.timeout)
         if data is None:
             return None
-        message = orjson.loads(data)
+        message: dict[str, Any] = orjson.loads(data)  # the server sends JSON objects only
         self.received.append(message)
         return message
 
@@ -356,7 +358,7 @@ class WebSocketClient:
 
     async def receive_until(self, **fields: Any) -> list[dict[str, Any]]:
         """Read messages up to and including the first that matches `fields`."""
-        seen = []
+        seen: list[dict[str, Any]] = []
         while True:
             message = await self.receive()
             if message is None:

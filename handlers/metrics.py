@@ -21,6 +21,7 @@ class MetricsHandler(ApiHandler):
     reads are written.
     """
 
+    # Tornado hands each route its own keyword arguments; this route has one more than ApiHandler's.
     def initialize(self, broker: Broker, registry: CollectorRegistry) -> None:  # type: ignore[override]
         super().initialize(broker)
         self.registry = registry

@@ -53,7 +53,7 @@ class ResearchStartHandler(JsonObjectHandler):
         session_id = body.get("session_id")
         if session_id is not None and (problem := session_id_problem(session_id)) is not None:
             details.append({"index": 0, "field": "session_id", "error": problem})
-        if details:
+        if details or not isinstance(query, str):  # a query that is not a string is in `details`
             self.reject(details)
             return
         if session_id is None:
