@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -81,6 +82,12 @@ class Settings:
     log_format: str = "auto"
     shutdown_timeout: float = 30.0
     gc_thaw_interval: float = 600.0
+    #: sockets (docs/protocol.md section 5, "Sockets"): seconds for a request's headers,
+    #: seconds an HTTP connection may sit idle, descriptors kept out of the budget, Host names served
+    header_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    fd_reserve: int = 64
+    allowed_hosts: tuple[str, ...] = ()
     presets: Mapping[str, frozenset[str]] = dataclasses.field(
         default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS))
     )
@@ -133,6 +140,8 @@ class _Spec:
     choices: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ()  # a URL with one of these schemes, or ""
     secret: bool = False  # never echo the value in an error
+    items: re.Pattern[str] | None = None  # "strings": what each item must match (fullmatch)
+    items_expected: str = ""  # ... said for the error line
 
     def expected(self) -> str:
         """What a valid value looks like, phrased for the error line."""
@@ -143,6 +152,8 @@ class _Spec:
             listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
             article = "an" if listed[0] in "aeiouh" else "a"
             return f'{article} {listed} URL (or "" for none)'
+        if self.kind == "strings" and self.items_expected:
+            return self.items_expected
         if self.kind == "strings":
             return "a list of non-empty strings" if self.secret else "a list of strings"
         if self.kind == "presets":
@@ -160,6 +171,11 @@ class _Spec:
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
+
+#: An `allowed_hosts` entry: `*`, a name (a leading dot: and its subdomains), an IPv4 or IPv6 address.
+_HOST_ENTRY = re.compile(
+    r"\*|\.?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\]|[0-9a-f]*:[0-9a-f]*:[0-9a-f:.]*", re.IGNORECASE
+)
 
 _INT_POSITIVE = _Spec("int", low=1)
 _FLOAT_NON_NEGATIVE = _Spec("float", low=0)
@@ -199,6 +215,14 @@ _SPECS: Mapping[str, _Spec] = MappingProxyType({
     "log_format": _Spec("str", choices=("json", "console", "auto")),
     "shutdown_timeout": _FLOAT_POSITIVE,
     "gc_thaw_interval": _FLOAT_NON_NEGATIVE,  # 0 disables
+    "header_timeout": _FLOAT_POSITIVE,
+    "idle_timeout": _FLOAT_POSITIVE,
+    "fd_reserve": _Spec("int", low=0),  # 0: no reserve, long-lived connections may take every descriptor
+    "allowed_hosts": _Spec(
+        "strings",
+        items=_HOST_ENTRY,
+        items_expected='a list of host names without port or scheme ("broker.example.com", ".example.com", "*")',
+    ),
     "presets": _Spec("presets"),
 })
 
@@ -252,11 +276,7 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     if spec.kind == "presets":
         return _check_presets(value, where, spec)
     if spec.kind == "strings":
-        if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
-            raise _fail(where, spec, value)
-        if spec.secret and not all(value):
-            raise ConfigError(f"{where}: expected {spec.expected()}, got an empty string")
-        return tuple(value)
+        return _check_strings(value, where, spec)
     if spec.kind == "str":
         if not isinstance(value, str):
             raise _fail(where, spec, value)
@@ -276,6 +296,19 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     if too_low or too_high:
         raise _fail(where, spec, value)
     return float(value) if spec.kind == "float" else value
+
+
+def _check_strings(value: Any, where: str, spec: _Spec) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise _fail(where, spec, value)
+    if spec.secret and not all(value):
+        raise ConfigError(f"{where}: expected {spec.expected()}, got an empty string")
+    if spec.items is not None:
+        pattern = spec.items
+        for item in value:
+            if not pattern.fullmatch(item):
+                raise ConfigError(f"{where}: expected {spec.expected()}, got {_show(item, spec)}")
+    return tuple(value)
 
 
 def _url_ok(value: str, schemes: tuple[str, ...]) -> bool:

@@ -1,0 +1,434 @@
+"""The daemon's HTTP server, held against hostile sockets (docs/protocol.md section 5, "Sockets").
+
+Tornado's `HTTPServer` serves every route (publishing, health, metrics, the
+WebSocket and Server-Sent Events handshakes); `GuardedHTTPServer` is that
+server with three things Tornado does not do:
+
+* **Timeouts per connection.** Tornado has one timer (`idle_connection_timeout`)
+  from the moment it waits for a request to the end of its headers, so it
+  cannot both close a slow header quickly and keep an idle keep-alive
+  connection for minutes. Each connection here has a `ConnectionClock`: the
+  first request's headers must be complete within `header_timeout` of the
+  accept; between requests the connection may be idle for `idle_timeout`,
+  and once a byte of the next request arrives its headers get
+  `header_timeout`; a request body that stops arriving for `idle_timeout`
+  is closed too. Tornado's own timer stays as a backstop above both. A
+  connection that became a WebSocket or a streamed response has no timer
+  here (pings and slow-consumer rules govern it).
+* **Accepting without a busy loop.** Tornado's accept handler lets an
+  `EMFILE` escape to the event loop, which logs it and calls the handler
+  again at once while the socket stays readable: thousands of log lines a
+  second. `Acceptor` stops listening for a back-off (20 ms, doubling to
+  250 ms) whenever `accept()` fails, logs at most one line a second with the
+  count, and listens again.
+* **Shedding idle connections past the budget.** Once the descriptors in use
+  pass the budget (`broker.descriptors`), each new connection closes the
+  connection that has waited longest for a request (a keep-alive idle one,
+  or one still sending its headers), as nginx reuses idle connections when
+  it runs short. Sockets that hold descriptors while doing nothing cannot
+  then take the reserve that health probes and publishers need.
+
+No descriptor is held back for "accept then close" when accept() fails: with
+the budget and the shedding, accept() runs out only when `fd_reserve` is 0
+or descriptors go elsewhere, and then a client waiting in the listen backlog
+is served as soon as a descriptor frees up, rather than dropped.
+
+Everything runs on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
+
+from broker.config import Settings
+from broker.descriptors import DescriptorBudget
+
+__all__ = ["Acceptor", "ConnectionClock", "GuardedHTTPServer", "ThrottledLog"]
+
+log = structlog.get_logger("actor_broker.listener")
+
+#: accept() errors that mean "no descriptor (or kernel memory) for a new socket".
+SCARCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors that belong to the one pending connection (it went away); Linux's
+#: accept(2) says to treat them like EAGAIN and accept the next.
+_PEER_GONE = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "ENETUNREACH"
+    )
+    if hasattr(errno, name)
+)
+#: Connections accepted per readiness callback, as Tornado's own accept handler does.
+ACCEPT_BATCH = 128
+BACKOFF_MIN = 0.02
+BACKOFF_MAX = 0.25
+#: At most one line per this many seconds about one kind of trouble.
+LOG_INTERVAL = 1.0
+
+
+class ThrottledLog:
+    """One kind of trouble, logged at most once per LOG_INTERVAL with the counts since the last line.
+
+    A burst of ten thousand failures is one line a second, each with how many
+    there were; what is left when the burst stops is flushed one interval
+    after the last line, so no count is lost.
+    """
+
+    def __init__(self, event: str, level: str = "warning", interval: float = LOG_INTERVAL) -> None:
+        self.event = event
+        self.level = level
+        self.interval = interval
+        self._counts: dict[str, int] = {}
+        self._fields: dict[str, Any] = {}
+        self._last = -interval
+        self._flush_pending = False
+
+    def note(self, counts: dict[str, int], **fields: Any) -> None:
+        """Count an occurrence (`counts` adds up; `fields` are the latest values)."""
+        for key, value in counts.items():
+            self._counts[key] = self._counts.get(key, 0) + value
+        self._fields = fields
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._emit(now)
+        elif not self._flush_pending:
+            self._flush_pending = True
+            IOLoop.current().call_later(self._last + self.interval - now, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._counts:
+            self._emit(time.monotonic())
+
+    def _emit(self, now: float) -> None:
+        self._last = now
+        counts, self._counts = self._counts, {}
+        getattr(log, self.level)(self.event, **counts, **self._fields)
+
+
+class Acceptor:
+    """Accepts connections on one listening socket; backs off instead of spinning when accept() fails."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_connection: Callable[[socket.socket, Any], None],
+        budget: DescriptorBudget,
+    ) -> None:
+        self.sock = sock
+        self.on_connection = on_connection
+        self.budget = budget
+        self.io_loop = IOLoop.current()
+        self._listening = False
+        self._closed = False
+        self._delay = 0.0
+        self._resume_timer: object | None = None
+        self._failures = ThrottledLog("accept_failed")
+
+    def start(self) -> Acceptor:
+        self._listen()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (what `TCPServer.stop` does)."""
+        self._closed = True
+        if self._resume_timer is not None:
+            self.io_loop.remove_timeout(self._resume_timer)
+            self._resume_timer = None
+        if self._listening:
+            self.io_loop.remove_handler(self.sock)
+            self._listening = False
+        self.sock.close()
+
+    def _listen(self) -> None:
+        self._resume_timer = None
+        if not self._closed and not self._listening:
+            self.io_loop.add_handler(self.sock, self._ready, IOLoop.READ)
+            self._listening = True
+
+    def _ready(self, fd: Any, events: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if not self._listening:
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _PEER_GONE:
+                    continue
+                self._back_off(exc)
+                return
+            self._delay = 0.0
+            self.on_connection(connection, address)
+
+    def _back_off(self, exc: OSError) -> None:
+        """Stop listening for a while: the socket stays readable, so listening on would spin."""
+        self.budget.accept_failures += 1
+        self.io_loop.remove_handler(self.sock)
+        self._listening = False
+        self._delay = min(BACKOFF_MAX, max(BACKOFF_MIN, self._delay * 2))
+        self._resume_timer = self.io_loop.call_later(self._delay, self._listen)
+        self._failures.note(
+            {"refusals": 1},
+            error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+            detail=exc.strerror,
+            scarce=exc.errno in SCARCE,
+            backoff_ms=round(self._delay * 1000),
+            descriptors_in_use=self.budget.recount(),
+            limit=self.budget.limit,
+        )
+
+
+# -- per connection ----------------------------------------------------------------
+
+
+HEADERS, IDLE, BODY, BUSY = "headers", "idle", "body", "busy"
+
+
+class ConnectionClock:
+    """What one HTTP connection is waiting for, and until when (see the module docstring).
+
+    Phases: `headers` (a request's headers are arriving: `header_timeout`),
+    `idle` (between requests: `idle_timeout`), `body` (a request body:
+    `idle_timeout` since the last byte) and `busy` (the request is being
+    answered, or the connection is a WebSocket: no deadline). One timer per
+    connection; it is re-armed, not replaced, when a deadline moves later.
+    """
+
+    __slots__ = ("armed", "deadline", "phase", "requests", "server", "stream", "timer")
+
+    def __init__(self, server: GuardedHTTPServer) -> None:
+        self.server = server
+        self.stream: IOStream | None = None
+        self.phase = HEADERS
+        self.deadline: float | None = None
+        self.requests = 0
+        self.timer: object | None = None
+        #: when `timer` fires (loop time)
+        self.armed = 0.0
+
+    # -- what happens on the connection
+
+    def request_started(self) -> None:
+        """Tornado waits for a request: the first one's headers, or the next one after idling."""
+        if self.stream is None:
+            return  # shed (or gone) before Tornado got round to it
+        self.requests += 1
+        settings = self.server.settings()
+        if self.requests == 1:
+            self._enter(HEADERS, settings.header_timeout)  # waiting since the accept (in the list already)
+        else:
+            self._enter(IDLE, settings.idle_timeout)
+            self.server.waiting_started(self)
+
+    def received(self) -> None:
+        """Bytes arrived: the next request began, or its body is still coming."""
+        if self.phase == IDLE:
+            self._enter(HEADERS, self.server.settings().header_timeout)
+        elif self.phase == BODY:
+            self.deadline = IOLoop.current().time() + self.server.settings().idle_timeout
+
+    def headers_done(self) -> None:
+        self.server.waiting_ended(self)
+        self._enter(BODY, self.server.settings().idle_timeout)
+
+    def body_done(self) -> None:
+        self.phase = BUSY
+        self.deadline = None
+
+    def closed(self) -> None:
+        self.server.waiting_ended(self)
+        self.deadline = None
+        if self.timer is not None:
+            IOLoop.current().remove_timeout(self.timer)
+            self.timer = None
+        self.stream = None
+        self.server.budget.socket_closed()
+
+    # -- the timer
+
+    def _enter(self, phase: str, seconds: float) -> None:
+        io_loop = IOLoop.current()
+        self.phase = phase
+        self.deadline = deadline = io_loop.time() + seconds
+        if self.timer is not None:
+            if self.armed <= deadline:
+                return  # fires first, then re-arms itself for the later deadline
+            io_loop.remove_timeout(self.timer)
+        self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        self.armed = when
+        self.timer = IOLoop.current().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if deadline is None or self.stream is None:
+            return
+        if IOLoop.current().time() < deadline:
+            self._arm(deadline)
+            return
+        self.server.timed_out(self.phase)
+        self.stream.close()
+
+
+class GuardedStream(IOStream):
+    """An IOStream that tells its connection's clock when bytes arrive and when it closes.
+
+    `read_from_fd` and `close_fd` are the hooks BaseIOStream documents for
+    subclasses; nothing else of IOStream changes.
+    """
+
+    def __init__(self, sock: socket.socket, clock: ConnectionClock, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self.clock = clock
+        clock.stream = self
+
+    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
+        received = super().read_from_fd(buf)
+        if received:
+            self.clock.received()
+        return received
+
+    def close_fd(self) -> None:
+        try:
+            super().close_fd()
+        finally:
+            self.clock.closed()
+
+
+class _ClockedDelegate(httputil.HTTPMessageDelegate):
+    """The application's delegate for one request, telling the clock when headers and body are in."""
+
+    __slots__ = ("clock", "inner")
+
+    def __init__(self, inner: httputil.HTTPMessageDelegate, clock: ConnectionClock) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> Awaitable[None] | None:
+        self.clock.headers_done()
+        return self.inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self.clock.body_done()
+        self.inner.finish()
+
+    def on_connection_close(self) -> None:
+        self.inner.on_connection_close()
+
+
+class GuardedHTTPServer(HTTPServer):
+    """`HTTPServer` with per-connection timeouts, a non-spinning accept and shedding past the budget.
+
+    `settings` is read whenever a connection changes phase, so a SIGHUP
+    reload of `header_timeout` / `idle_timeout` applies to the next phase of
+    every connection.
+    """
+
+    def initialize(  # type: ignore[override]
+        self,
+        request_callback: httputil.HTTPServerConnectionDelegate,
+        *,
+        settings: Callable[[], Settings],
+        budget: DescriptorBudget,
+        **kwargs: Any,
+    ) -> None:
+        current = settings()
+        super().initialize(request_callback, idle_connection_timeout=_backstop(current), **kwargs)
+        self.settings = settings
+        self.budget = budget
+        self._acceptors: list[Acceptor] = []
+        #: connections waiting for a request, longest-waiting first (the ones shed past the budget)
+        self._waiting: dict[ConnectionClock, None] = {}
+        self._shed_log = ThrottledLog("connections_shed")
+        self._timeout_log = ThrottledLog("slow_requests_closed", level="info")
+
+    # -- listening (replaces TCPServer's accept handler)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            self._acceptors.append(Acceptor(sock, self._accepted, self.budget).start())
+
+    def stop(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors.clear()
+
+    def _accepted(self, connection: socket.socket, address: Any) -> None:
+        clock = ConnectionClock(self)
+        stream = GuardedStream(
+            connection, clock, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
+        )
+        self.budget.socket_opened()
+        self.waiting_started(clock)  # from the accept on: Tornado asks for its first request a loop turn later
+        # Tornado's own header timer, kept above ours (a reload may have moved ours).
+        self.conn_params.header_timeout = _backstop(self.settings())
+        self.handle_stream(stream, address)
+        if self.budget.over_budget():
+            self._shed(clock)
+
+    # -- HTTPServerConnectionDelegate
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = getattr(server_conn, "stream", None)
+        if not isinstance(stream, GuardedStream):
+            return delegate
+        stream.clock.request_started()
+        return _ClockedDelegate(delegate, stream.clock)
+
+    # -- clocks report here
+
+    def waiting_started(self, clock: ConnectionClock) -> None:
+        self._waiting.pop(clock, None)
+        self._waiting[clock] = None
+
+    def waiting_ended(self, clock: ConnectionClock) -> None:
+        self._waiting.pop(clock, None)
+
+    def timed_out(self, phase: str) -> None:
+        self.budget.timeouts[phase] = self.budget.timeouts.get(phase, 0) + 1
+        if phase != IDLE:  # an idle keep-alive connection closing is routine
+            self._timeout_log.note({phase: 1})
+
+    def _shed(self, newcomer: ConnectionClock) -> None:
+        """Close the connection that has waited longest for a request (not the one just accepted)."""
+        self.budget.recount_soon()
+        if not self.budget.over_budget():
+            return
+        victim = next((c for c in self._waiting if c is not newcomer and c.stream is not None), None)
+        if victim is None or victim.stream is None:
+            return  # nothing idle to give up: the newcomer takes a descriptor of the reserve
+        self.budget.shed += 1
+        self.waiting_ended(victim)
+        victim.stream.close()
+        self._shed_log.note(
+            {"shed": 1}, descriptors_in_use=self.budget.in_use, budget=self.budget.budget, limit=self.budget.limit
+        )
+
+
+def _backstop(settings: Settings) -> float:
+    """Tornado's own timer for a request's wait plus headers: above anything ours allows."""
+    return settings.idle_timeout + settings.header_timeout + 1.0
