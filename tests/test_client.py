@@ -41,6 +41,7 @@ from broker.client.tokens import refresh_delay, token_expiry
 from broker.queries import DemoAgent
 from tests.support import with_settings
 from tests.support.proxy import CuttingProxy
+from tests.test_daemon import DaemonProcess
 
 #: Retries fast enough for tests (the defaults start at half a second).
 FAST = Backoff(initial=0.02, maximum=0.2)
@@ -488,8 +489,6 @@ async def test_a_failed_query_raises_query_error(base):
 
 
 async def test_server_shutdown_is_honoured_and_the_restarted_daemon_is_followed_through_a_gap(tmp_path: Path):
-    from tests.test_daemon import DaemonProcess
-
     daemon_port = closed_port()
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
