@@ -342,10 +342,6 @@ class Daemon:
         # PeriodicCallback awaits what its callback returns: the notifier's bool is not for it.
         self.notifier.watchdog()
 
-    def _ping_watchdog(self) -> None:
-        # PeriodicCallback awaits what its callback returns: the notifier's bool is not for it.
-        self.notifier.watchdog()
-
     def _start_periodic(self) -> None:
         if self.watchdog_period is not None:
             self.notifier.watchdog()
