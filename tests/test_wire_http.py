@@ -24,7 +24,6 @@ import orjson
 import pytest
 from tornado.httpclient import HTTPResponse
 
-from broker.testing import WebSocketClient
 from tests.support import with_settings
 from tests.support.wire import get_json, json_of, post, post_events, publish, stats
 

@@ -63,7 +63,7 @@ class Fetcher(Protocol):
 
 
 async def post(
-    http: Fetcher, path: str, body: Any, *, content_type: str = JSON, headers: dict[str, str] | None = None
+    http: Fetcher, path: str, body: Any, content_type: str = JSON, headers: dict[str, str] | None = None
 ) -> HTTPResponse:
     """POST `body` (bytes as they are, anything else as JSON); the answer whatever its status."""
     data = body if isinstance(body, bytes) else orjson.dumps(body)
@@ -79,12 +79,12 @@ async def post_events(
     return await post(http, path, events, headers=headers)
 
 
-async def publish(http: Fetcher, session_id: str | None, events: Any) -> dict[str, Any]:
-    """Publish and return the 202 answer (`accepted`, `seq`), failing the test on any other status."""
+async def publish(http: Fetcher, session_id: str | None, events: Any) -> list[int | None]:
+    """Publish and return the seqs of the 202 answer, failing the test on any other status."""
     response = await post_events(http, session_id, events)
     assert response.code == 202, (response.code, response.body)
-    answer: dict[str, Any] = json_of(response)
-    return answer
+    seqs: list[int | None] = json_of(response)["seq"]
+    return seqs
 
 
 def json_of(response: HTTPResponse) -> Any:
