@@ -1,9 +1,10 @@
 """The WebSocket endpoints: `/ws` and `/ws/research/{session_id}`.
 
 A thin adapter. The handshake's parameters are checked by
-handlers/handshake.py, as for SSE (close 1008 before any data); then a ConnectionActor owns the socket: frames from the
-client are told to it, and it writes back through this handler as its
-Transport. The handler keeps no session state.
+handlers/handshake.py, as for SSE (close 1008 before any data); then a
+ConnectionActor owns the socket: frames from the client are told to it,
+and it writes back through this handler as its Transport. The handler
+keeps no session state.
 """
 
 from __future__ import annotations
