@@ -16,13 +16,15 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/actor-broker serve
 
-## Run the whole test suite, plus the linter.
+## Run the linter, the type checker (pyproject.toml [tool.mypy]), then the whole test suite.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 ## Fan-out benchmark: actor-broker against a bare Tornado fan-out (a few minutes; bench/README.md).
 bench: $(STAMP)
