@@ -10,51 +10,12 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-import orjson
 import pytest
 
 from broker import events
 from broker.testing import WebSocketClient
 from broker.validation import ValidationFailed, normalize_events
-
-JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def connect(broker, port):
-    """Open clients on `/ws/research/{id}` (or `/ws` with `plain=True`), greeting read; closed at teardown."""
-    opened: list[WebSocketClient] = []
-
-    async def connect(session_id: str, *, plain: bool = False, timeout: float = 5.0, **params: Any):
-        if plain:
-            client = await WebSocketClient.connect(port, "/ws", timeout=timeout, session_id=session_id, **params)
-            hello = await client.expect(type="connected", session_id=session_id)
-        else:
-            client = await WebSocketClient.connect(port, f"/ws/research/{session_id}", timeout=timeout, **params)
-            hello = await client.expect(type="connection_established", session_id=session_id)
-        opened.append(client)
-        return client, hello
-
-    yield connect
-    for client in opened:
-        client.close()
-
-
-async def next_message(client: WebSocketClient) -> dict[str, Any]:
-    while True:
-        message = await client.receive()
-        assert message is not None, f"closed {client.close_info()}"
-        if message["type"] != "keepalive":
-            return message
-
-
-async def session_messages(client: WebSocketClient, count: int) -> list[dict[str, Any]]:
-    messages = []
-    while len(messages) < count:
-        message = await next_message(client)
-        assert "seq" in message, f"expected a session message, got {message!r}"
-        messages.append(message)
-    return messages
+from tests.support.wire import next_message, post_json, session_info, session_messages
 
 
 async def nothing_queued(client: WebSocketClient) -> None:
@@ -138,7 +99,7 @@ def test_task_progress_without_current_action_leaves_it_out():
 
 
 async def test_publish_events_returns_seqs_and_a_connected_client_receives_them(broker, connect):
-    client, hello = await connect("p1")
+    client, hello = await connect("p1", research=True)
     seqs = await broker.publish_events(
         events.session_started("p1", query="q"),
         events.task_started("p1", "t1"),
@@ -160,8 +121,8 @@ async def test_publish_events_returns_seqs_and_a_connected_client_receives_them(
 
 
 async def test_publish_events_to_several_sessions_keeps_the_callers_order(broker, connect):
-    one, _ = await connect("p2a")
-    two, _ = await connect("p2b")
+    one, _ = await connect("p2a", research=True)
+    two, _ = await connect("p2b", research=True)
     seqs = await broker.publish_events(
         events.task_started("p2a", "a1"),
         events.task_started("p2b", "b1"),
@@ -173,7 +134,7 @@ async def test_publish_events_to_several_sessions_keeps_the_callers_order(broker
 
 
 async def test_publish_events_with_a_bad_event_raises_and_publishes_nothing(broker, connect):
-    client, _ = await connect("p3")
+    client, _ = await connect("p3", research=True)
     with pytest.raises(ValidationFailed) as failed:
         await broker.publish_events(events.task_started("p3", "t1"), events.task_progress("p3", "t1", 150))
     assert failed.value.details[0]["index"] == 1 and failed.value.details[0]["field"] == "progress"
@@ -187,7 +148,7 @@ async def test_publish_events_with_a_bad_event_raises_and_publishes_nothing(brok
 
 async def test_emit_from_four_threads_at_once_delivers_everything_in_order_per_thread(broker, connect):
     workers, per_worker = 4, 50
-    client, _ = await connect("e1", timeout=10.0)
+    client, _ = await connect("e1", research=True, timeout=10.0)
     barrier = threading.Barrier(workers)
     failures: list[BaseException] = []
 
@@ -219,14 +180,14 @@ async def test_emit_from_four_threads_at_once_delivers_everything_in_order_per_t
 
 
 async def test_emit_from_the_loop_thread_delivers_too(broker, connect):
-    client, _ = await connect("e2")
+    client, _ = await connect("e2", research=True)
     broker.emit(events.task_started("e2", "t1"), events.task_completed("e2", "t1"))
     got = await session_messages(client, 2)
     assert [(m["type"], m["seq"]) for m in got] == [("task_started", 1), ("task_completed", 2)]
 
 
 async def test_emit_with_a_bad_event_raises_in_the_caller_and_publishes_nothing(broker, connect):
-    client, _ = await connect("e3")
+    client, _ = await connect("e3", research=True)
     # on the loop thread
     with pytest.raises(ValidationFailed):
         broker.emit(events.task_started("e3", "ok"), {"type": "task_progress", "session_id": "e3", "task_id": "t1"})
@@ -254,16 +215,14 @@ async def test_emit_with_a_bad_event_raises_in_the_caller_and_publishes_nothing(
 
 
 async def broadcast(http: Any, body: Any) -> tuple[int, dict[str, Any]]:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    response = await http.fetch("/api/broadcast", method="POST", headers=JSON, body=raw, raise_error=False)
-    return response.code, orjson.loads(response.body)
+    return await post_json(http, "/api/broadcast", body)
 
 
 async def test_broadcast_reaches_every_connection_outside_exclude(http_server_client, broker, connect):
-    s1a, _ = await connect("s1")
-    s1b, _ = await connect("s1", plain=True, events="essential")  # filters do not apply to broadcasts
-    s2, _ = await connect("s2")
-    s3, _ = await connect("s3", plain=True)
+    s1a, _ = await connect("s1", research=True)
+    s1b, _ = await connect("s1", events="essential")  # filters do not apply to broadcasts
+    s2, _ = await connect("s2", research=True)
+    s3, _ = await connect("s3")
     await broker.publish_events(events.task_started("idle", "t1"))  # a session with no connection
     code, body = await broadcast(http_server_client, {"type": "system_notification", "message": "m", "exclude": ["s2"]})
     assert (code, body) == (202, {"delivered": 3})
@@ -278,28 +237,28 @@ async def test_broadcast_reaches_every_connection_outside_exclude(http_server_cl
 
 
 async def test_broadcast_enters_no_history(http_server_client, broker, connect):
-    first, hello = await connect("h1")
+    first, hello = await connect("h1", research=True)
     await broker.publish_events(events.task_started("h1", "t1"))
     await session_messages(first, 1)
     code, body = await broadcast(http_server_client, {"type": "system_notification", "message": "gone"})
     assert (code, body) == (202, {"delivered": 1})
     assert (await next_message(first))["message"] == "gone"
-    later, again = await connect("h1", replay="all")
+    later, again = await connect("h1", research=True, replay="all")
     assert again["last_seq"] == 1 and again["epoch"] == hello["epoch"]
     (replayed,) = await session_messages(later, 1)
     assert replayed["type"] == "task_started"
     await nothing_queued(later)
-    missed, _ = await connect("h1", plain=True, last_seq=0)
+    missed, _ = await connect("h1", last_seq=0)
     assert [m["type"] for m in await session_messages(missed, 1)] == ["task_started"]
     await nothing_queued(missed)
-    response = await http_server_client.fetch("/api/sessions/h1")
-    assert orjson.loads(response.body)["buffered_messages"] == 1
+    code, info = await session_info(http_server_client, "h1")
+    assert (code, info["buffered_messages"]) == (200, 1)
 
 
 async def test_broadcast_of_another_type_and_to_nobody(http_server_client, connect):
     code, body = await broadcast(http_server_client, {"type": "system_notification", "message": "empty"})
     assert (code, body) == (202, {"delivered": 0})
-    client, _ = await connect("o1")
+    client, _ = await connect("o1", research=True)
     code, body = await broadcast(http_server_client, {"type": "maintenance.window", "starts": "soon"})
     assert (code, body) == (202, {"delivered": 1})
     notice = await next_message(client)
@@ -320,7 +279,7 @@ async def test_broadcast_of_another_type_and_to_nobody(http_server_client, conne
     ids=["no-message", "message-number", "exclude-string", "exclude-item", "bad-type", "seq", "epoch"],
 )
 async def test_bad_broadcast_bodies_are_422(http_server_client, connect, body, field):
-    client, _ = await connect("b1")
+    client, _ = await connect("b1", research=True)
     code, answer = await broadcast(http_server_client, body)
     assert code == 422, answer
     assert isinstance(answer["error"], str)
