@@ -13,6 +13,7 @@ from broker.app import make_app
 from broker.config import Settings
 from broker.core import Broker
 from broker.testing import ActorHarness
+from tests.support.redis import RedisServer
 from tests.support.wire import Clients
 
 
@@ -76,3 +77,11 @@ def connect(port: int) -> Iterator[Clients]:
     clients = Clients(port)
     yield clients
     clients.close_all()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free port (tests/support/redis.py); killed at teardown."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
