@@ -3,7 +3,7 @@
 A hostile page can point a name of its own at 127.0.0.1; the browser then
 sends `Host: evil.example` to the local broker, and since that page's
 `Origin` names the same host, it passes the same-origin rule. Refusing any
-`Host` outside `allowed_hosts` closes that door (docs/protocol.md section 6).
+`Host` outside `allowed_hosts` closes that door (docs/protocol.md section 5, "Sockets", and section 6).
 
 The check sits in the application's routing (`HostCheckedApplication.find_handler`),
 so one check covers every route: the HTTP API, health and metrics, and the
