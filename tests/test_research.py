@@ -22,10 +22,9 @@ from tornado.testing import bind_unused_port
 from actors.messages import CloseSession
 from broker.config import Settings
 from broker.research import TASKS, SimulatedResearch, simulated_run
-from broker.testing import WebSocketClient
+from tests.support.wire import json_of, post, session_info, session_messages, stats
 from tests.test_session import World
 
-JSON = {"Content-Type": "application/json"}
 QUERY = "How do actor brokers keep order?"
 #: The presets as docs/protocol.md section 3.4 writes them (None: everything).
 PRESETS: dict[str, frozenset[str] | None] = {
@@ -125,43 +124,14 @@ def upstream_at(*paths: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("settings", list(paths), ids=list(paths), indirect=True)
 
 
-@pytest.fixture
-def connect(broker, port):
-    opened: list[WebSocketClient] = []
-
-    async def connect(path: str, **params: Any) -> tuple[WebSocketClient, dict[str, Any]]:
-        client = await WebSocketClient.connect(port, path, **params)
-        opened.append(client)
-        hello = await client.expect(type="connection_established")
-        return client, hello
-
-    yield connect
-    for client in opened:
-        client.close()
-
-
 async def start(http: Any, body: Any, *, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    response = await http.fetch(
-        "/api/research/start", method="POST", headers=headers or JSON, body=raw, raise_error=False
-    )
-    return response.code, orjson.loads(response.body)
+    response = await post(http, "/api/research/start", body, headers=headers)
+    return response.code, json_of(response)
 
 
 def simulations() -> list[Any]:
     """Running SimulatedResearch actors (each test starts with none)."""
     return [r for r in ActorRegistry.get_by_class(SimulatedResearch) if r.is_alive()]
-
-
-async def read_session_messages(client: WebSocketClient, count: int) -> list[dict[str, Any]]:
-    messages = []
-    while len(messages) < count:
-        message = await client.receive()
-        assert message is not None, f"closed {client.close_info()}"
-        if message["type"] != "keepalive":
-            assert "seq" in message, message
-            messages.append(message)
-    return messages
 
 
 # -- 1. POST /api/research/start over the wire -------------------------------------------------
@@ -174,23 +144,22 @@ async def test_start_answers_201_with_an_absolute_ws_url_and_the_run_begins(http
     assert set(body) == {"session_id", "ws_url", "status"}
     assert body["status"] == "started"
     assert body["ws_url"] == f"ws://127.0.0.1:{port}/ws/research/{session_id}"
-    response = await http_server_client.fetch(f"/api/sessions/{session_id}")
-    assert response.code == 200
-    assert orjson.loads(response.body)["session_id"] == session_id
+    code, info = await session_info(http_server_client, session_id)
+    assert (code, info["session_id"]) == (200, session_id)
     # a client that follows ws_url gets the history from session_started on
-    client, hello = await connect(body["ws_url"].split(str(port), 1)[1])
+    client, hello = await connect(session_id, path=body["ws_url"].split(str(port), 1)[1])
     assert hello["session_id"] == session_id and hello["last_seq"] >= 1
     first = await client.expect(type="session_started", seq=1, session_id=session_id)
     assert first["query"] == QUERY and first["user_id"] == "u1"
     assert len(simulations()) == 1
     # ... and then the simulated run, in real time (its first step comes 0.6 s in)
-    (plan,) = await read_session_messages(client, 1)
+    (plan,) = await session_messages(client, 1)
     assert plan["type"] == "plan_generated" and plan["seq"] == 2 and plan["plan"]["query"] == QUERY
 
 
 async def test_ws_url_uses_the_host_the_request_named(http_server_client):
     code, body = await start(
-        http_server_client, {"query": QUERY, "session_id": "named-1"}, headers={**JSON, "Host": "broker.example:9000"}
+        http_server_client, {"query": QUERY, "session_id": "named-1"}, headers={"Host": "broker.example:9000"}
     )
     assert code == 201, body
     assert body["session_id"] == "named-1"
@@ -203,7 +172,7 @@ async def test_start_with_an_existing_session_id_is_409(http_server_client, conn
     code, body = await start(http_server_client, {"query": "again", "user_id": "u1", "session_id": "mine"})
     assert code == 409 and isinstance(body["error"], str)
     # a session that exists because a client connected to it counts too
-    await connect("/ws/research/watched")
+    await connect("watched", research=True)
     code, body = await start(http_server_client, {"query": QUERY, "session_id": "watched"})
     assert code == 409, body
     assert len(simulations()) == 1  # the first start's run only
@@ -232,13 +201,13 @@ async def test_start_with_an_existing_session_id_is_409(http_server_client, conn
         "all-three",
     ],
 )
-async def test_bad_start_bodies_are_422_with_details(http_server_client, broker, body, fields):
+async def test_bad_start_bodies_are_422_with_details(http_server_client, body, fields):
     code, answer = await start(http_server_client, body)
     assert code == 422, answer
     assert isinstance(answer["error"], str)
     assert [d["field"] for d in answer["details"]] == fields
     assert all(d["index"] == 0 and isinstance(d["error"], str) and d["error"] for d in answer["details"])
-    assert len(broker.directory) == 0 and simulations() == []
+    assert (await stats(http_server_client))["active_sessions"] == 0 and simulations() == []
 
 
 @pytest.mark.parametrize(
@@ -253,11 +222,11 @@ async def test_bad_start_bodies_are_422_with_details(http_server_client, broker,
     ],
     ids=["not-json", "truncated", "array", "string", "empty", "text-plain"],
 )
-async def test_unreadable_start_bodies(http_server_client, broker, raw, content_type, status):
+async def test_unreadable_start_bodies(http_server_client, raw, content_type, status):
     code, answer = await start(http_server_client, raw, headers={"Content-Type": content_type})
     assert code == status, answer
     assert isinstance(answer["error"], str) and answer["error"]
-    assert len(broker.directory) == 0 and simulations() == []
+    assert (await stats(http_server_client))["active_sessions"] == 0 and simulations() == []
 
 
 @upstream_at("/start")
@@ -272,13 +241,13 @@ async def test_a_research_upstream_receives_the_start_and_nothing_is_simulated(
         ("/start", "application/json", {"session_id": session_id, "query": QUERY, "user_id": "u1"})
     ]
     assert simulations() == []
-    client, hello = await connect(f"/ws/research/{session_id}")
+    client, hello = await connect(session_id, research=True)
     assert hello["last_seq"] == 1
-    (first,) = await read_session_messages(client, 1)
+    (first,) = await session_messages(client, 1)
     assert first["type"] == "session_started" and first["query"] == QUERY
     # the research service publishes from here on; what it sends comes next
     await broker.publish_events({"type": "plan_generated", "session_id": session_id, "plan": ["from upstream"]})
-    (plan,) = await read_session_messages(client, 1)
+    (plan,) = await session_messages(client, 1)
     assert plan["seq"] == 2 and plan["plan"] == ["from upstream"]
 
 
@@ -288,7 +257,7 @@ async def test_a_slow_research_upstream_does_not_hold_the_answer(http_server_cli
     assert code == 201, body
     await asyncio.wait_for(upstream.received.wait(), 5)
     assert not upstream.release.is_set(), "answered while the upstream still holds the start"
-    client, hello = await connect(f"/ws/research/{body['session_id']}")
+    client, hello = await connect(body["session_id"], research=True)
     assert hello["last_seq"] == 1
     upstream.release.set()
     for _ in range(500):  # until the forward has its answer: one round trip per try, no sleeps
@@ -297,7 +266,7 @@ async def test_a_slow_research_upstream_does_not_hold_the_answer(http_server_cli
         await http_server_client.fetch("/healthz")
     assert not broker._background
     await broker.publish_events({"type": "test.marker", "session_id": body["session_id"]})
-    (started, marker) = await read_session_messages(client, 2)
+    (started, marker) = await session_messages(client, 2)
     assert started["type"] == "session_started"
     assert marker["type"] == "test.marker", "the upstream's answer added no error event"
 
@@ -306,8 +275,8 @@ async def test_a_slow_research_upstream_does_not_hold_the_answer(http_server_cli
 async def test_a_failing_research_upstream_yields_an_error_event(http_server_client, connect, upstream):
     code, body = await start(http_server_client, {"query": QUERY, "user_id": "u1"})
     assert code == 201, body
-    client, _ = await connect(f"/ws/research/{body['session_id']}")
-    started, error = await read_session_messages(client, 2)
+    client, _ = await connect(body["session_id"], research=True)
+    started, error = await session_messages(client, 2)
     assert started["type"] == "session_started" and started["seq"] == 1
     assert error["type"] == "error" and error["seq"] == 2
     assert isinstance(error["error"], str) and error["error"]
