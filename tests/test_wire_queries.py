@@ -26,6 +26,7 @@ from tornado.testing import bind_unused_port
 from broker.config import Settings
 from broker.queries import DemoAgent, HttpUpstream
 from broker.testing import WebSocketClient
+from tests.support.wire import next_message
 
 NDJSON_LINES = ["Hello", ", wörld", " and ", "good ☀ day!"]
 TEXT_PIECES = [b"The sky ", b"looks blue ", b"caf\xc3", b"\xa9 style, ", b"because of Rayleigh scattering."]
@@ -169,36 +170,11 @@ def settings(request, upstream) -> Settings:
 demo = pytest.mark.parametrize("settings", ["demo"], ids=["demo"], indirect=True)
 
 
-@pytest.fixture
-def connect(broker, port):
-    """Open `/ws` clients (greeting read); all closed at teardown."""
-    opened: list[WebSocketClient] = []
-
-    async def connect(session_id: str, **params: Any) -> tuple[WebSocketClient, dict[str, Any]]:
-        client = await WebSocketClient.connect(port, "/ws", session_id=session_id, **params)
-        opened.append(client)
-        hello = await client.expect(type="connected", session_id=session_id)
-        return client, hello
-
-    yield connect
-    for client in opened:
-        client.close()
-
-
 def use_upstream(broker: Any, url: str, **options: Any) -> None:
     broker.directory.query_backend = HttpUpstream(url, **options)
 
 
 # -- reading and checking answers -----------------------------------------------------
-
-
-async def next_message(client: WebSocketClient) -> dict[str, Any]:
-    """The next message that is not a keepalive."""
-    while True:
-        message = await client.receive()
-        assert message is not None, f"closed {client.close_info()}"
-        if message["type"] != "keepalive":
-            return message
 
 
 async def read_answer(client: WebSocketClient) -> list[dict[str, Any]]:
