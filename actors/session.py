@@ -49,6 +49,7 @@ from actors.wire import CloseCode, control_frame, error_frame, iso_timestamp
 if TYPE_CHECKING:
     from pykka import ActorRef
 
+    from actors.clock import TimerHandle
     from actors.directory import SessionDirectory
     from actors.filters import EventFilter
     from actors.history import History
@@ -89,7 +90,7 @@ class SessionActor(LoopActor):
         self.last_event_at: float | None = None
         self.last_activity = self.clock.monotonic()
         self.closing = False
-        self._expiry_timer: Any = None
+        self._expiry_timer: TimerHandle | None = None
         self.queries = QueryRunner(session_id, self.actor_ref, self._commit, self.clock)
         self.log = log.bind(session_id=session_id)
 

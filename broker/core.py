@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from actors.messages import Frame
     from actors.transport import Transport
     from broker.descriptors import DescriptorBudget
+    from broker.gc_tuning import GcPauses
 
 log = structlog.get_logger("actor_broker.connection")
 
@@ -69,7 +70,7 @@ class Broker:
         self._dispatcher = current_dispatcher()
         self.tokens = TokenVerifier(settings)
         #: garbage-collection pause histograms (broker.gc_tuning.GcPauses), when the daemon measures them
-        self.gc_pauses: Any = None
+        self.gc_pauses: GcPauses | None = None
         self.started_at = time.monotonic()
         self.ready = False
         self.draining = False

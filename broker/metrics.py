@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from actors.connection import ConnectionActor
+from actors.inbox import Inbox
 from actors.runtime import Dispatcher, current_dispatcher
 from actors.session import SessionActor
 from actors.stats import LIMITS, LatencyHistogram
@@ -147,7 +148,7 @@ class BrokerCollector:
             inbox = ref.actor_inbox
             kind = _KINDS.get(ref.actor_class, "other")
             counts[kind] += 1
-            depth = len(inbox)  # type: ignore[arg-type]
+            depth = len(inbox) if isinstance(inbox, Inbox) else 0  # pykka types it as its ActorInbox protocol
             pending += depth
             deepest = max(deepest, depth)
         actors = GaugeMetricFamily("broker_actors", "Live actors, by kind.", labels=["kind"])

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import IOStream
+from tornado.netutil import Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
@@ -75,7 +77,7 @@ class DemoAgent:
 class _StreamParser:
     """Turns the upstream's body, as it arrives, into chunks for the sink."""
 
-    def __init__(self, sink: QuerySink, on_activity: Any) -> None:
+    def __init__(self, sink: QuerySink, on_activity: Callable[[], None]) -> None:
         self.sink = sink
         self.on_activity = on_activity
         self.status: int | None = None
@@ -135,7 +137,7 @@ class _TrackingTCPClient(TCPClient):
     socket, and the fetch, open until the upstream ends the response.
     """
 
-    def __init__(self, resolver: Any) -> None:
+    def __init__(self, resolver: Resolver) -> None:
         super().__init__(resolver=resolver)
         self.streams: list[IOStream] = []
         self.closed = False

@@ -10,7 +10,7 @@ so tests drive it with the manual clock.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -19,6 +19,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from actors.messages import Publish
 from actors.runtime import LoopActor
 from broker.validation import normalize_events
+
+if TYPE_CHECKING:
+    from pykka import ActorRef
 
 log = structlog.get_logger("actor_broker.research")
 
@@ -75,7 +78,7 @@ _STEP = _Step()
 class SimulatedResearch(LoopActor):
     """Publishes a simulated run into one session, then stops."""
 
-    def __init__(self, session: Any, session_id: str, query: str) -> None:
+    def __init__(self, session: ActorRef[Any], session_id: str, query: str) -> None:
         super().__init__()
         self.session = session
         self.session_id = session_id

@@ -34,12 +34,15 @@ import pprint
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pykka import ActorRef
 
 from actors.clock import ManualClock
 from actors.runtime import DEFAULT_BATCH, Dispatcher, LoopActor, LoopFuture, install_dispatcher
+
+if TYPE_CHECKING:
+    from tornado.websocket import WebSocketClientConnection
 
 __all__ = [
     "ActorHarness",
@@ -310,7 +313,7 @@ class WebSocketClient:
     Every wait is bounded by `timeout` seconds (a failure, not a hang).
     """
 
-    def __init__(self, conn: Any, timeout: float) -> None:
+    def __init__(self, conn: WebSocketClientConnection, timeout: float) -> None:
         self.conn = conn
         self.timeout = timeout
         self.received: list[dict[str, Any]] = []

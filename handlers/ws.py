@@ -9,6 +9,7 @@ keeps no session state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -237,7 +238,7 @@ class SocketTransport:
                 raise tornado.websocket.WebSocketClosedError()
             return True
 
-        def done(f: Any) -> None:
+        def done(f: asyncio.Future[None]) -> None:
             if f.cancelled() or f.exception() is not None:
                 return  # the socket closed; on_close tells the actor
             on_flushed()
