@@ -7,47 +7,17 @@ so these tests drive traffic and scrape again.
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
-from prometheus_client.parser import text_string_to_metric_families
-
 from actors.messages import DescribeSession
 from broker.config import Settings
 from broker.core import Broker
 from broker.metrics import BrokerCollector, broker_registry
-from broker.testing import ActorHarness, WebSocketClient
-
-
-async def scrape(http_server_client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, keyed by (name, sorted labels)."""
-    response = await http_server_client.fetch("/metrics")
-    assert response.code == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert response.headers["Cache-Control"] == "no-store"
-    samples = {}
-    for family in text_string_to_metric_families(response.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
-
-
-async def publish(http_server_client: Any, session_id: str, *events: dict[str, Any]) -> None:
-    response = await http_server_client.fetch(
-        f"/api/sessions/{session_id}/events",
-        method="POST",
-        headers={"Content-Type": "application/json"},
-        body=orjson.dumps(list(events)),
-    )
-    assert response.code == 202, response.body
+from broker.testing import ActorHarness
+from tests.support.wire import metrics, publish, session_info
+from tests.support.wire import stats as get_stats
 
 
 async def test_metrics_parse_and_start_at_zero(http_server_client):
-    samples = await scrape(http_server_client)
+    samples = await metrics(http_server_client)
     for name in (
         "broker_connections",
         "broker_sessions",
@@ -59,48 +29,45 @@ async def test_metrics_parse_and_start_at_zero(http_server_client):
         "broker_actor_mailbox_messages",
         "broker_actors_ready",
     ):
-        assert value(samples, name) == 0, name
-    assert value(samples, "broker_events_dropped_total", reason="throttled") == 0
-    assert value(samples, "broker_ready") == 1
-    assert ("process_resident_memory_bytes", ()) in samples
+        assert samples.value(name) == 0, name
+    assert samples.value("broker_events_dropped_total", reason="throttled") == 0
+    assert samples.value("broker_ready") == 1
+    assert samples.value("process_resident_memory_bytes") > 0
 
 
-async def test_counters_follow_the_traffic(port, http_server_client, broker):
-    client = await WebSocketClient.connect(port, "/ws/research/m1")
-    await client.expect(type="connection_established")
+async def test_counters_follow_the_traffic(connect, http_server_client):
+    client, _ = await connect("m1", research=True)
     progress = [
         {"type": "task_progress", "task_id": "t1", "progress": p, "current_action": "reading"} for p in (10, 11, 12)
     ]
     await publish(
         http_server_client,
         "m1",
-        {"type": "task_started", "task_id": "t1"},
-        *progress,
-        {"type": "task_completed", "task_id": "t1"},
+        [{"type": "task_started", "task_id": "t1"}, *progress, {"type": "task_completed", "task_id": "t1"}],
     )
     await client.receive_until(type="task_completed")
-    # The session has handled everything the publish started: ask it something.
-    assert await broker.directory.get("m1").ask(DescribeSession(), block=False)
+    # The session has handled everything the publish started: ask it something (as an operator can).
+    assert (await session_info(http_server_client, "m1"))[0] == 200
 
-    samples = await scrape(http_server_client)
-    stats = broker.stats
-    assert value(samples, "broker_connections") == 1
-    assert value(samples, "broker_sessions") == 1
-    assert value(samples, "broker_connected_sessions") == 1
-    assert value(samples, "broker_events_received_total") == 5 == stats.total_events_received
+    samples = await metrics(http_server_client)
+    stats = await get_stats(http_server_client)  # the same numbers, as the stats endpoint shows them
+    assert samples.value("broker_connections") == 1
+    assert samples.value("broker_sessions") == 1
+    assert samples.value("broker_connected_sessions") == 1
+    assert samples.value("broker_events_received_total") == 5 == stats["total_events_received"]
     # progress 11 was superseded by 12, and 12 was still held when the task completed
-    assert value(samples, "broker_events_throttled_total") == stats.throttled_events >= 1
-    assert value(samples, "broker_events_dropped_total", reason="throttled") == stats.throttled_events
-    delivered = value(samples, "broker_messages_delivered_total")
-    assert delivered == stats.total_messages_sent >= 4  # greeting, started, progress 10, completed
-    assert value(samples, "broker_buffered_messages") == stats.total_buffered_messages >= 3
-    assert value(samples, "broker_actors", kind="connection") == 1
-    assert value(samples, "broker_actors", kind="session") == 1
+    assert samples.value("broker_events_throttled_total") == stats["throttled_events"] >= 1
+    assert samples.value("broker_events_dropped_total", reason="throttled") == stats["throttled_events"]
+    delivered = samples.value("broker_messages_delivered_total")
+    assert delivered == stats["total_messages_sent"] >= 4  # greeting, started, progress 10, completed
+    assert samples.value("broker_buffered_messages") == stats["total_buffered_messages"] >= 3
+    assert samples.value("broker_actors", kind="connection") == 1
+    assert samples.value("broker_actors", kind="session") == 1
 
     client.close()
-    await publish(http_server_client, "m1", {"type": "task_started", "task_id": "t2"})
-    later = await scrape(http_server_client)
-    assert value(later, "broker_events_received_total") == 6
+    await publish(http_server_client, "m1", [{"type": "task_started", "task_id": "t2"}])
+    later = await metrics(http_server_client)
+    assert later.value("broker_events_received_total") == 6
 
 
 def test_mailbox_depth_is_read_from_the_inboxes_at_scrape_time():
@@ -142,28 +109,20 @@ async def test_openmetrics_when_asked(http_server_client):
 
 
 async def test_limit_refusals_compaction_and_latency_are_exported(broker, http_server_client):
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """The collector exports what the counters hold (real refusals: tests/test_limits.py)."""
     broker.stats.refused("max_sessions")
     broker.stats.compacted_messages += 3
     broker.stats.write_latency.observe(0.003)
-    body = (await http_server_client.fetch("/metrics")).body.decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
-    assert samples[("broker_limit_refusals_total", (("limit", "max_sessions"),))] == 1
-    assert samples[("broker_events_dropped_total", (("reason", "compacted"),))] == 3
-    assert samples[("broker_publish_to_write_seconds_bucket", (("le", "0.005"),))] == 1
-    assert samples[("broker_publish_to_write_seconds_bucket", (("le", "0.0025"),))] == 0
-    assert samples[("broker_publish_to_write_seconds_count", ())] == 1
+    samples = await metrics(http_server_client)
+    assert samples.value("broker_limit_refusals_total", limit="max_sessions") == 1
+    assert samples.value("broker_events_dropped_total", reason="compacted") == 3
+    assert samples.value("broker_publish_to_write_seconds_bucket", le="0.005") == 1
+    assert samples.value("broker_publish_to_write_seconds_bucket", le="0.0025") == 0
+    assert samples.value("broker_publish_to_write_seconds_count") == 1
 
 
 async def test_gc_pauses_are_measured_and_exported(broker, http_server_client):
     import gc
-
-    from prometheus_client.parser import text_string_to_metric_families
 
     from broker.gc_tuning import GcPauses
 
@@ -172,11 +131,5 @@ async def test_gc_pauses_are_measured_and_exported(broker, http_server_client):
         gc.collect()
     finally:
         broker.gc_pauses.uninstall()
-    body = (await http_server_client.fetch("/metrics")).body.decode()
-    counts = {
-        s.name: s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-        if s.name.endswith("_count")
-    }
-    assert counts["broker_gc_pause_gen2_seconds_count"] >= 1
+    samples = await metrics(http_server_client)
+    assert samples.value("broker_gc_pause_gen2_seconds_count") >= 1
