@@ -15,9 +15,9 @@ import orjson
 import pytest
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from broker.testing import WebSocketClient
 from handlers.origins import origin_allowed
 from tests.support import with_settings
+from tests.support.wire import metrics, post, post_events, session_info, stats
 
 HOST = "broker.example:8050"
 LOCAL_UI = "http://localhost:3000"
@@ -141,30 +141,25 @@ def listed(response: HTTPResponse, header: str) -> set[str]:
 # -- WebSocket handshakes --------------------------------------------------------------
 
 
-async def test_a_refused_origin_opens_nothing(port, broker, http_server_client):
-    for path, params in (("/ws", {"session_id": "ro1"}), ("/ws/research/ro1", {})):
+async def test_a_refused_origin_opens_nothing(connect, http_server_client):
+    for research in (False, True):
         with pytest.raises(HTTPClientError) as refused:
-            client = await WebSocketClient.connect(port, path, headers={"Origin": EVIL}, **params)
-            client.close()
+            await connect.plain("ro1", research=research, headers={"Origin": EVIL})
         assert refused.value.code == 403
-    assert broker.open_connections == 0
-    assert broker.connection_counts == {}
-    assert (await fetch(http_server_client, "/api/sessions/ro1")).code == 404, "no session was created"
-    stats = orjson.loads((await fetch(http_server_client, "/api/websocket/stats")).body)
-    assert stats["active_connections"] == 0
+    assert (await session_info(http_server_client, "ro1"))[0] == 404, "no session was created"
+    assert (await stats(http_server_client))["active_connections"] == 0
+    samples = await metrics(http_server_client)
+    assert samples.value("broker_connections") == 0
+    assert samples.value("broker_sessions") == 0
 
 
-async def test_an_ipv6_loopback_origin_is_accepted_at_the_handshake(port):
-    client = await WebSocketClient.connect(port, "/ws", headers={"Origin": "http://[::1]:5173"}, session_id="ro2")
-    await client.expect(type="connected")
-    client.close()
+async def test_an_ipv6_loopback_origin_is_accepted_at_the_handshake(connect):
+    await connect("ro2", headers={"Origin": "http://[::1]:5173"})
 
 
 @with_settings(allowed_origins=("https://app.example/",))
-async def test_a_configured_origin_matches_ignoring_case_and_a_trailing_slash(port):
-    client = await WebSocketClient.connect(port, "/ws/research/ro3", headers={"Origin": "https://App.Example"})
-    await client.expect(type="connection_established")
-    client.close()
+async def test_a_configured_origin_matches_ignoring_case_and_a_trailing_slash(connect):
+    await connect("ro3", research=True, headers={"Origin": "https://App.Example"})
 
 
 # -- CORS on the HTTP API ------------------------------------------------------------------
@@ -189,9 +184,7 @@ async def test_without_an_origin_no_cors_headers_are_sent(http_server_client):
 
 
 async def publish_c1(http: Any, headers: dict[str, str] | None = None) -> None:
-    body = orjson.dumps({"type": "session_started"})
-    headers = {"Content-Type": "application/json", **(headers or {})}
-    response = await fetch(http, "/api/sessions/c1/events", "POST", headers=headers, body=body)
+    response = await post_events(http, "c1", {"type": "session_started"}, headers=headers)
     assert response.code == 202, response.body
 
 
@@ -256,9 +249,7 @@ async def test_a_preflight_from_any_other_origin_is_403(http_server_client, orig
 
 @with_settings(api_keys=("k1",))
 async def test_an_allowed_origin_can_read_a_refusal(http_server_client):
-    body = orjson.dumps({"type": "session_started"})
-    headers = {"Origin": LOCAL_UI, "Content-Type": "application/json"}
-    response = await fetch(http_server_client, "/api/sessions/c1/events", "POST", headers=headers, body=body)
+    response = await post_events(http_server_client, "c1", {"type": "session_started"}, headers={"Origin": LOCAL_UI})
     assert response.code == 401
     assert acao(response) == LOCAL_UI
 
@@ -266,9 +257,8 @@ async def test_an_allowed_origin_can_read_a_refusal(http_server_client):
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 async def test_a_simple_cross_site_post_publishes_nothing(http_server_client, content_type):
     """What a foreign page can send without a preflight (a form, `fetch` with mode no-cors) is refused 415."""
-    body = orjson.dumps({"type": "session_started"})
-    headers = {"Origin": EVIL, "Content-Type": content_type}
-    response = await fetch(http_server_client, "/api/sessions/c1/events", "POST", headers=headers, body=body)
+    body = {"type": "session_started"}
+    response = await post(http_server_client, "/api/sessions/c1/events", body, content_type, {"Origin": EVIL})
     assert response.code == 415
     assert (await fetch(http_server_client, "/api/sessions/c1")).code == 404
 
