@@ -32,7 +32,7 @@ def encode(message: dict[str, Any]) -> bytes:
 class Frame:
     """One encoded message on its way to sockets."""
 
-    __slots__ = ("born", "data", "delivered", "seq", "task_id", "type", "wire")
+    __slots__ = ("born", "data", "delivered", "seq", "sse", "task_id", "type", "wire")
 
     def __init__(self, data: bytes, type: str, seq: int | None = None, task_id: str | None = None) -> None:
         #: the JSON text, encoded once for every connection
@@ -48,6 +48,8 @@ class Frame:
         #: the transport's encoding of `data` (a WebSocket frame), made by the first
         #: connection that writes it and reused by every other one
         self.wire: bytes | None = None
+        #: the same for Server-Sent Events (an `id:` and `data:` event), made by the first SSE connection
+        self.sse: bytes | None = None
         #: clock.monotonic() when the session made it (for publish-to-write latency); 0 if unknown
         self.born = 0.0
 
@@ -225,3 +227,74 @@ class BroadcastFrame:
     """A connection-level message for every connection of the session; reply: how many."""
 
     frame: Frame
+
+
+# -- a session on one node of a cluster (actors/mirror.py) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistorySlice:
+    """Part of a session's shared history, as the cluster's store holds it."""
+
+    #: the session's epoch ("" when the store has no such session)
+    epoch: str
+    #: the oldest seq the store still holds (last_seq + 1 when it holds none)
+    first_seq: int
+    #: the session's newest seq (0: none yet)
+    last_seq: int
+    #: the messages read, in seq order, each with its seq
+    frames: list[Frame]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The store answered a mirror's read: its first load (the tail of the history) or a fill of a hole."""
+
+    slice: HistorySlice
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    """The store could not be read; the mirror tries again (the node's backoff) or waits for Resync."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Messages the cluster committed to this session, in seq order, as pub/sub carried them."""
+
+    epoch: str
+    frames: list[Frame]
+
+
+class Resync:
+    """The node's subscription was restored after an outage: read what may have been missed."""
+
+    __slots__ = ()
+
+
+RESYNC = Resync()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDeleted:
+    """The session was deleted (on any node): close its connections here."""
+
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class MissedLoaded:
+    """The seqs no connection of the cluster was sent yet, taken for one attaching connection (replay=missed)."""
+
+    connection_id: str
+    seqs: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLocked:
+    """The cluster's one-query-at-a-time lock answered a client's query."""
+
+    request: StartQuery
+    granted: bool

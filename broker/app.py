@@ -16,6 +16,7 @@ from handlers.metrics import MetricsHandler
 from handlers.publish import PublishHandler, SmallPublishHandler
 from handlers.research import BroadcastHandler, ResearchStartHandler
 from handlers.sessions import SessionHandler
+from handlers.sse import EventStreamHandler, ResearchEventStreamHandler
 from handlers.static import STATIC_ROUTES, StaticHandler
 from handlers.stats import StatsHandler
 from handlers.ws import BrokerWebSocket, ResearchWebSocket
@@ -38,7 +39,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
     deps = {"broker": broker}
     session_events = r"/api/sessions/([^/]+)/events"
     # Tornado tries the rules in order, one regex each: publishing (the hot
-    # path) comes first, then the WebSocket handshakes. No two paths overlap.
+    # path) comes first, then the WebSocket and SSE handshakes. No two paths overlap.
     # Every route is behind the allowed_hosts check (421), WebSocket and SSE handshakes too.
     return HostCheckedApplication(
         [
@@ -48,6 +49,8 @@ def make_app(broker: Broker) -> tornado.web.Application:
             (r"/api/events", PublishHandler, deps),
             (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
             (r"/ws", BrokerWebSocket, deps),
+            (r"/sse/research/([^/]+)", ResearchEventStreamHandler, deps),
+            (r"/sse", EventStreamHandler, deps),
             (r"/ws/health", StatsHandler, deps),
             (r"/healthz", HealthzHandler, deps),
             (r"/readyz", ReadyzHandler, deps),
