@@ -56,12 +56,13 @@ import pytest
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from broker.testing import WebSocketClient
 from broker.validation import SESSION_ID_RE
 from tests.support import with_settings
+from tests.support.wire import get_json, next_message, post
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -278,14 +279,6 @@ FRAMES = st.one_of(
 # The witness: a well-behaved client on a session nobody hostile touches
 
 
-async def next_session_message(client: WebSocketClient, what: str) -> dict[str, Any]:
-    while True:
-        message = await client.receive()
-        assert message is not None, f"{what}: closed {client.close_info()}"
-        if message["type"] != "keepalive":
-            return message
-
-
 class Witness:
     """Gets exactly one event per check, the next seq, and nothing else."""
 
@@ -312,7 +305,7 @@ class Witness:
         response = await post(self.http, path, {"type": "test.witness", "n": self.count})
         assert response.code == 202, response.body
         assert orjson.loads(response.body)["seq"] == [self.last_seq + 1]
-        message = await next_session_message(self.client, "witness")
+        message = await next_message(self.client, "witness")
         got = (message.get("type"), message.get("n"), message.get("seq"))
         assert got == ("test.witness", self.count, self.last_seq + 1), message
         self.last_seq += 1
@@ -320,19 +313,6 @@ class Witness:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
-
-
-async def post(
-    http: Any, path: str, body: Any, content_type: str = JSON, headers: dict[str, str] | None = None
-) -> HTTPResponse:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    sent = {"Content-Type": content_type, **(headers or {})}
-    return await http.fetch(path, method="POST", headers=sent, body=data, raise_error=False)
-
-
-async def get_json(http: Any, path: str) -> tuple[int, Any]:
-    response = await http.fetch(path, raise_error=False)
-    return response.code, orjson.loads(response.body)
 
 
 # --------------------------------------------------------------------------
@@ -871,7 +851,7 @@ async def handshake(port: int, params: dict[str, str | bytes], path_session: str
         assert all(isinstance(item, str) for item in first["events"]), first
         assert first["last_seq"] == 0, first
         if read.get("last_seq") and int(read["last_seq"]) > 0:  # a seq of another epoch: all again, from 1
-            gap = await next_session_message(client, "gap")
+            gap = await next_message(client, "gap")
             assert (gap["type"], gap["from_seq"], gap["to_seq"]) == ("gap", 1, None), gap
     finally:
         client.close()
@@ -976,7 +956,7 @@ async def test_an_event_nested_as_deep_as_allowed_is_delivered_intact_and_one_le
     payload = nested_value(MAX_NESTING - 1)
     response = await post(http, "/api/sessions/deep.s/events", {"type": "test.deep", "payload": payload})
     assert response.code == 202, response.body
-    message = await next_session_message(reader.client, "deep reader")
+    message = await next_message(reader.client, "deep reader")
     assert message["payload"] == payload
     for depth in (MAX_NESTING, 253, 254, 1000):
         single = '{"type": "test.deep", "payload": ' + nested_text(depth, "list", "0") + "}"
@@ -1010,7 +990,7 @@ async def test_a_broadcast_nested_deeply_is_answered_not_a_500(http_server_clien
     response = await post(http, "/api/broadcast", body.encode())
     if depth < 100:
         assert response.code == 202, response.body
-        message = await next_session_message(witness.client, "broadcast")
+        message = await next_message(witness.client, "broadcast")
         assert message["data"] == nested_value(depth)
     else:
         assert response.code == 422, (response.code, response.body)
