@@ -40,6 +40,7 @@ from broker.logs import log_request
 from broker.sdnotify import SdNotifier, watchdog_period
 from broker.testing import WebSocketClient
 from handlers.base import ApiHandler
+from tests.support.wire import metrics, post_events
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "config" / "actor-broker.service"
@@ -180,12 +181,7 @@ class DaemonProcess:
         return await AsyncHTTPClient().fetch(self.url(path), **kwargs)
 
     async def publish(self, session_id: str, event: dict[str, Any]) -> HTTPResponse:
-        return await self.fetch(
-            f"/api/sessions/{session_id}/events",
-            method="POST",
-            headers={"Content-Type": "application/json"},
-            body=orjson.dumps(event),
-        )
+        return await post_events(self, session_id, event)
 
     async def client(self, session_id: str, **params: Any) -> WebSocketClient:
         client = await WebSocketClient.connect(self.port, "/ws", session_id=session_id, **params)
@@ -403,11 +399,8 @@ async def test_log_lines_are_json_with_ids_bound(spawn):
     await daemon.started()
     client = await daemon.client("logs-1")
     hello = await client.expect(type="connected")
-    response = await daemon.fetch(
-        "/api/sessions/logs-1/events",
-        method="POST",
-        headers={"Content-Type": "application/json", "X-Request-ID": "req-abc.123"},
-        body=orjson.dumps({"type": "task_started", "task_id": "t1"}),
+    response = await post_events(
+        daemon, "logs-1", {"type": "task_started", "task_id": "t1"}, headers={"X-Request-ID": "req-abc.123"}
     )
     assert response.code == 202
     assert response.headers["X-Request-ID"] == "req-abc.123"
@@ -458,15 +451,11 @@ async def test_connections_come_and_go_in_the_log_at_the_default_level(spawn):
 
 
 async def test_metrics_over_the_wire(spawn):
-    from prometheus_client.parser import text_string_to_metric_families
-
     daemon = spawn()
     await daemon.started()
-    response = await daemon.fetch("/metrics")
-    assert response.code == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    names = {family.name for family in text_string_to_metric_families(response.body.decode())}
-    assert {"broker_connections", "broker_events_received", "broker_actor_mailbox_messages"} <= names
+    samples = await metrics(daemon)
+    for name in ("broker_connections", "broker_events_received_total", "broker_actor_mailbox_messages"):
+        assert name in samples, name
     await terminate(daemon)
 
 
