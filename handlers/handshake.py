@@ -41,10 +41,10 @@ class HandshakeArguments:
     Tornado's own answer to an argument that is not UTF-8 would be a 400 at
     the handshake or, for arguments first read later, a dropped socket; here
     it is refused like any bad parameter. A handler using this keeps
-    `_undecodable` (None at first) in its own state.
+    `_undecodable` (None at first) in its own state (a WebSocket handler in
+    its slots).
     """
 
-    __slots__ = ()
     #: the first handshake argument that was not UTF-8 (see decode_argument)
     _undecodable: str | None
 

@@ -106,13 +106,13 @@ class EventStreamHandler(HandshakeArguments, ApiHandler):
     greeting_type = "connected"
     default_replay = "missed"
 
-    def initialize(self, broker: Broker) -> None:  # type: ignore[override]
+    def initialize(self, broker: Broker) -> None:
         super().initialize(broker)
         self.connection: OpenConnection | None = None
         self.transport: EventStreamTransport | None = None
         self._undecodable: str | None = None
         #: resolves when the stream ended (by either side); `get` returns it to Tornado
-        self._ended: Any = None
+        self._ended: asyncio.Future[None] | None = None
 
     def set_default_headers(self) -> None:
         """ApiHandler's headers, but the request id is not bound to log context: the stream outlives its request."""

@@ -583,15 +583,23 @@ def test_last_event_id_parsing():
 # -- the daemon ------------------------------------------------------------------------
 
 
-async def test_sigterm_sends_server_shutdown_on_a_stream_then_ends_it(tmp_path):
-    daemon = DaemonProcess(tmp_path, notify=False)
+async def test_an_open_stream_outlives_the_http_timeouts_and_sigterm_ends_it_after_server_shutdown(tmp_path):
+    # Short header and idle timeouts (docs/protocol.md section 5, "Sockets") govern requests, not an open stream.
+    env = {"BROKER_HEADER_TIMEOUT": "0.3", "BROKER_IDLE_TIMEOUT": "0.3", "BROKER_KEEPALIVE_INTERVAL": "0.4"}
+    daemon = DaemonProcess(tmp_path, notify=False, **env)
     try:
         await daemon.started()
         client = await SseClient.open(daemon.port, "/sse/research/d1", timeout=15)
         assert client.status == 200
         await client.greeting()
+        opened = time.monotonic()
+        while time.monotonic() - opened < 2.5:  # past both timeouts and Tornado's own backstop (1.6 s)
+            keepalive = await client.event()
+            assert keepalive is not None and keepalive.comments == ["keepalive"], keepalive
+        assert (await daemon.publish("d1", {"type": "task_started", "task_id": "late"})).code == 202
+        assert (await client.next()).message["task_id"] == "late"
         daemon.send(signal.SIGTERM)
-        events = await client.rest()
+        events = [e for e in await client.rest() if e.fields]  # keepalive comments may come first
         assert [e.message["type"] for e in events] == ["server_shutdown"]
         assert events[0].message["reconnect_after_ms"] > 0
         assert events[0].id is None
