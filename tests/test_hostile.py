@@ -62,7 +62,7 @@ from tornado.websocket import websocket_connect
 from broker.testing import WebSocketClient
 from broker.validation import SESSION_ID_RE
 from tests.support import with_settings
-from tests.support.wire import get_json, next_message, post
+from tests.support.wire import get_json, next_message, post, send_raw
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -1061,22 +1061,6 @@ def raw_request(path: str, content_type: str, body: bytes, framing: str, chunk: 
 INCOMPLETE = ("declared_more", "chunked_garbage")
 
 
-async def send_raw(port: int, data: bytes, half_close: bool) -> bytes:
-    """Write one raw request (Connection: close) and read everything the server answers until it closes."""
-    import asyncio
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        if half_close:
-            writer.write_eof()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 @with_settings(max_body_size=BODY_LIMIT, min_delta=0.0)
 @hypothesis_settings(PROPERTY, max_examples=100)
 @given(
@@ -1094,7 +1078,8 @@ def test_any_http_framing_of_a_publish_is_answered_below_500_or_closed_and_the_s
 
     async def example() -> None:
         received_before = await events_received(http_server_client)
-        answer = await send_raw(port, raw_request(path, content_type, body, framing, chunk), framing in INCOMPLETE)
+        request = raw_request(path, content_type, body, framing, chunk)
+        answer = await send_raw(port, request, half_close=framing in INCOMPLETE)
         statuses = [int(code) for code in STATUS_RE.findall(answer)]
         event(f"{framing}: {statuses[:2]}")
         assert all(status < 500 for status in statuses), answer[:500]

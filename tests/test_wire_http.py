@@ -25,7 +25,7 @@ import pytest
 from tornado.httpclient import HTTPResponse
 
 from tests.support import with_settings
-from tests.support.wire import get_json, json_of, post, post_events, publish, stats
+from tests.support.wire import get_json, json_of, post, post_events, publish, send_raw, stats
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -93,13 +93,7 @@ def ndjson(events: list[dict[str, Any]], newline: bytes = b"\n") -> bytes:
 
 async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send bytes as they are (no client defaults added); return status, headers, body."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+    data = await send_raw(port, request, timeout=5)
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = {}

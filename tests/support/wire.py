@@ -16,6 +16,7 @@ try is an awaited request, so no sleep is needed between tries).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -40,6 +41,7 @@ __all__ = [
     "post_json",
     "publish",
     "refusals",
+    "send_raw",
     "session_info",
     "session_messages",
     "stats",
@@ -116,6 +118,24 @@ async def stats(http: Fetcher) -> dict[str, Any]:
 async def session_info(http: Fetcher, session_id: str) -> tuple[int, Any]:
     """`GET /api/sessions/{id}`: (200, the session) or (404, the error)."""
     return await get_json(http, f"/api/sessions/{session_id}")
+
+
+async def send_raw(port: int, data: bytes, *, half_close: bool = False, timeout: float = 10.0) -> bytes:
+    """Write bytes as they are (no client defaults added) and read all the server sends until it closes.
+
+    `half_close` ends our side after the bytes, so a server waiting for
+    more sees the end of the stream.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 # -- /metrics -----------------------------------------------------------------------
@@ -224,18 +244,9 @@ class Clients:
         return client
 
     async def __call__(
-        self,
-        session_id: str | None = None,
-        *,
-        research: bool = False,
-        path: str | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: float = 5.0,
-        **params: Any,
+        self, session_id: str | None = None, *, research: bool = False, path: str | None = None, **options: Any
     ) -> tuple[WebSocketClient, dict[str, Any]]:
-        client = await self.plain(
-            session_id, research=research, path=path, headers=headers, timeout=timeout, **params
-        )
+        client = await self.plain(session_id, research=research, path=path, **options)
         endpoint = "research" if research or (path or "").startswith("/ws/research/") else "ws"
         expected: dict[str, Any] = {"type": GREETINGS[endpoint]}
         if session_id is not None:
