@@ -48,22 +48,17 @@ async def test_access_lines_follow_the_level_and_a_level_change(http_server_clie
     assert len(access_lines(log_lines)) == len(logged), "a 404 is below error"
 
 
-async def test_access_lines_name_the_session_a_request_names(http_server_client, log_lines, port):
-    from broker.testing import WebSocketClient
+async def test_access_lines_name_the_session_a_request_names(http_server_client, log_lines, connect):
+    from tests.support.wire import publish
 
     set_level("info")
-    body = orjson.dumps({"type": "task_started", "task_id": "t1"})
-    headers = {"Content-Type": "application/json"}
-    await http_server_client.fetch("/api/sessions/alpha/events", method="POST", body=body, headers=headers)
-    one = orjson.dumps({"type": "task_started", "task_id": "t1", "session_id": "beta"})
-    await http_server_client.fetch("/api/events", method="POST", body=one, headers=headers)
-    two = orjson.dumps([{"type": "x.y", "session_id": "beta"}, {"type": "x.y", "session_id": "gamma"}])
-    await http_server_client.fetch("/api/events", method="POST", body=two, headers=headers)
+    await publish(http_server_client, "alpha", {"type": "task_started", "task_id": "t1"})
+    await publish(http_server_client, None, {"type": "task_started", "task_id": "t1", "session_id": "beta"})
+    two_sessions = [{"type": "x.y", "session_id": "beta"}, {"type": "x.y", "session_id": "gamma"}]
+    await publish(http_server_client, None, two_sessions)
     await http_server_client.fetch("/api/sessions/alpha")
-    client = await WebSocketClient.connect(port, "/ws", session_id="delta")
-    await client.expect(type="connected")
-    research = await WebSocketClient.connect(port, "/ws/research/epsilon")
-    await research.expect(type="connection_established")
+    await connect("delta")
+    await connect("epsilon", research=True)
     await http_server_client.fetch("/healthz")
     named = [(line["path"], line.get("session_id")) for line in access_lines(log_lines)]
     assert named == [
@@ -75,5 +70,3 @@ async def test_access_lines_name_the_session_a_request_names(http_server_client,
         ("/ws/research/epsilon", "epsilon"),
         ("/healthz", None),
     ]
-    client.close()
-    research.close()
