@@ -172,6 +172,10 @@ class Acceptor:
             self._delay = 0.0
             self.on_connection(connection, address)
 
+    def _in_use_now(self) -> int:
+        self.budget.recount_soon()  # at most one listing a second, however fast the failures come
+        return self.budget.in_use
+
     def _back_off(self, exc: OSError) -> None:
         """Stop listening for a while: the socket stays readable, so listening on would spin."""
         self.budget.accept_failures += 1
@@ -185,7 +189,7 @@ class Acceptor:
             detail=exc.strerror,
             scarce=exc.errno in SCARCE,
             backoff_ms=round(self._delay * 1000),
-            descriptors_in_use=self.budget.recount(),
+            descriptors_in_use=self._in_use_now(),
             limit=self.budget.limit,
         )
 
@@ -220,17 +224,18 @@ class ConnectionClock:
 
     # -- what happens on the connection
 
+    def accepted(self) -> None:
+        """The first request's headers are due `header_timeout` after the accept."""
+        self._enter(HEADERS, self.server.settings().header_timeout)
+        self.server.waiting_started(self)
+
     def request_started(self) -> None:
-        """Tornado waits for a request: the first one's headers, or the next one after idling."""
-        if self.stream is None:
-            return  # shed (or gone) before Tornado got round to it
+        """Tornado waits for a request: the first one (timed from the accept) or the next one."""
         self.requests += 1
-        settings = self.server.settings()
-        if self.requests == 1:
-            self._enter(HEADERS, settings.header_timeout)  # waiting since the accept (in the list already)
-        else:
-            self._enter(IDLE, settings.idle_timeout)
-            self.server.waiting_started(self)
+        if self.requests == 1 or self.stream is None:  # the first; or shed before Tornado got round to it
+            return
+        self._enter(IDLE, self.server.settings().idle_timeout)
+        self.server.waiting_started(self)
 
     def received(self) -> None:
         """Bytes arrived: the next request began, or its body is still coming."""
@@ -380,7 +385,7 @@ class GuardedHTTPServer(HTTPServer):
             connection, clock, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
         )
         self.budget.socket_opened()
-        self.waiting_started(clock)  # from the accept on: Tornado asks for its first request a loop turn later
+        clock.accepted()  # Tornado asks for the first request a loop turn later: the clock starts now
         # Tornado's own header timer, kept above ours (a reload may have moved ours).
         self.conn_params.header_timeout = _backstop(self.settings())
         self.handle_stream(stream, address)

@@ -282,8 +282,9 @@ async def test_half_finished_requests_are_closed_within_header_timeout_while_a_w
     await calm.expect(type="connected")
     with Sockets() as sockets:
         attackers = await sockets.connect(daemon.port, 300)
-        for sock in attackers:
-            assert await send(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for index, sock in enumerate(attackers):  # half of them on the way to a WebSocket upgrade
+            opening = handshake("calm").split(b"\r\n\r\n")[0] + b"\r\n" if index % 2 else get("/healthz")[:-2]
+            assert await send(sock, opening)
         closes = [asyncio.ensure_future(closed_by_server(sock)) for sock in attackers]
 
         async def trickle() -> None:
@@ -308,6 +309,8 @@ async def test_half_finished_requests_are_closed_within_header_timeout_while_a_w
     assert max(held) <= header_timeout + SLACK, max(held)
     assert published > 0
     await expect_every_event(calm, published)
+    info = orjson.loads((await daemon.fetch("/api/sessions/calm")).body)
+    assert len(info["connections"]) == 1, info  # no half-finished handshake became a connection
     metrics = await daemon.metrics()
     assert metrics['broker_connection_timeouts_total{phase="headers"}'] >= 300
     # One line a second at most about them, with the count (the last one a second after the one before).
