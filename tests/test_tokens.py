@@ -15,7 +15,8 @@ from actors.filters import ALL
 from actors.messages import ClientMessage
 from broker.config import Settings
 from broker.core import Broker
-from broker.testing import RecordingTransport, WebSocketClient
+from broker.testing import RecordingTransport
+from tests.support.wire import Clients, post_json
 
 SECRET = "test-secret-of-a-decent-length-0123456789"
 
@@ -31,8 +32,10 @@ def settings():
     return Settings(jwt_secret=SECRET)
 
 
-async def refused(port: int, path: str = "/ws/research/s1", **params: Any) -> tuple[int | None, str | None, list]:
-    client = await WebSocketClient.connect(port, path, **params)
+async def refused(
+    connect: Clients, path: str = "/ws/research/s1", **params: Any
+) -> tuple[int | None, str | None, list[Any]]:
+    client = await connect.plain(path=path, **params)
     code, reason = await client.closed()
     return code, reason, client.received
 
@@ -51,30 +54,26 @@ async def refused(port: int, path: str = "/ws/research/s1", **params: Any) -> tu
     ],
     ids=["absent", "garbage", "bad-signature", "expired", "no-sub", "no-sessions", "no-exp", "sessions-string"],
 )
-async def test_bad_tokens_close_4001_before_any_data(port, token, reason):
-    assert await refused(port, token=token) == (4001, reason, [])
+async def test_bad_tokens_close_4001_before_any_data(connect, token, reason):
+    assert await refused(connect, token=token) == (4001, reason, [])
 
 
-async def test_a_token_for_another_session_closes_4003(port):
-    assert await refused(port, token=mint(sessions=["s2"])) == (4003, "token does not cover this session", [])
+async def test_a_token_for_another_session_closes_4003(connect):
+    assert await refused(connect, token=mint(sessions=["s2"])) == (4003, "token does not cover this session", [])
 
 
-async def test_a_user_id_that_disagrees_with_sub_closes_4003(port):
-    code, reason, received = await refused(port, "/ws", session_id="s1", user_id="u2", token=mint())
+async def test_a_user_id_that_disagrees_with_sub_closes_4003(connect):
+    code, reason, received = await refused(connect, "/ws", session_id="s1", user_id="u2", token=mint())
     assert (code, reason, received) == (4003, "token names another user", [])
 
 
-async def test_a_valid_token_connects_and_sub_becomes_the_user(port):
-    client = await WebSocketClient.connect(port, "/ws", session_id="s1", token=mint())
-    greeting = await client.expect(type="connected")
+async def test_a_valid_token_connects_and_sub_becomes_the_user(connect):
+    _, greeting = await connect("s1", token=mint())
     assert greeting["user_id"] == "u1"
-    client.close()
 
 
-async def test_a_wildcard_token_covers_every_session(port):
-    client = await WebSocketClient.connect(port, "/ws/research/anything", token=mint(sessions="*"))
-    await client.expect(type="connection_established")
-    client.close()
+async def test_a_wildcard_token_covers_every_session(connect):
+    await connect("anything", research=True, token=mint(sessions="*"))
 
 
 async def test_browsers_can_send_the_token_as_a_subprotocol(port):
@@ -88,26 +87,18 @@ async def test_browsers_can_send_the_token_as_a_subprotocol(port):
     conn.close()
 
 
-async def test_a_token_that_expires_while_connected_closes_4001(port):
-    client = await WebSocketClient.connect(port, "/ws/research/s1", token=mint(exp=int(time.time()) + 2), timeout=6)
-    await client.expect(type="connection_established")
+async def test_a_token_that_expires_while_connected_closes_4001(connect):
+    client, _ = await connect("s1", research=True, token=mint(exp=int(time.time()) + 2), timeout=6)
     assert await client.closed() == (4001, "token expired")
 
 
-async def test_research_start_hands_out_a_token_that_works(port, http_server_client):
-    response = await http_server_client.fetch(
-        "/api/research/start",
-        method="POST",
-        headers={"Content-Type": "application/json"},
-        body=orjson.dumps({"query": "q", "user_id": "alice"}),
-    )
-    answer = orjson.loads(response.body)
+async def test_research_start_hands_out_a_token_that_works(connect, http_server_client):
+    code, answer = await post_json(http_server_client, "/api/research/start", {"query": "q", "user_id": "alice"})
+    assert code == 201, answer
     claims = jwt.decode(answer["token"], SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["sessions"] == [answer["session_id"]]
-    client = await WebSocketClient.connect(port, f"/ws/research/{answer['session_id']}", token=answer["token"])
-    greeting = await client.expect(type="connection_established")
+    _, greeting = await connect(answer["session_id"], research=True, token=answer["token"])
     assert greeting["user_id"] == "alice"
-    client.close()
 
 
 class TestPublicKey:
@@ -122,13 +113,11 @@ class TestPublicKey:
         )
         return Settings(jwt_public_key=public.decode())
 
-    async def test_a_token_signed_with_the_private_key_connects(self, port):
-        client = await WebSocketClient.connect(port, "/ws/research/s1", token=mint(self.key, "ES256"))
-        await client.expect(type="connection_established")
-        client.close()
+    async def test_a_token_signed_with_the_private_key_connects(self, connect):
+        await connect("s1", research=True, token=mint(self.key, "ES256"))
 
-    async def test_an_hs256_token_is_refused(self, port):
-        code, _, received = await refused(port, token=mint())
+    async def test_an_hs256_token_is_refused(self, connect):
+        code, _, received = await refused(connect, token=mint())
         assert (code, received) == (4001, [])
 
 

@@ -212,7 +212,8 @@ class Clients:
     """Opens WebSocket clients to the application under test; `close_all()` closes every one.
 
     `await connect(session_id)` opens `/ws?session_id=...` (`research=True`:
-    `/ws/research/{id}`; `path=`: any path, e.g. a `ws_url` an answer gave),
+    `/ws/research/{id}`; `path=`: any path, e.g. a `ws_url` an answer gave,
+    with `session_id` as a query parameter unless the path is a research one),
     reads the greeting and returns `(client, greeting)`. `connect.plain(...)`
     takes the same arguments and reads nothing: for handshakes that are
     refused or closed before a greeting, and tests that read the greeting
@@ -234,11 +235,9 @@ class Clients:
         **params: Any,
     ) -> WebSocketClient:
         if path is None:
-            if research:
-                path = f"/ws/research/{session_id}"
-            else:
-                path = "/ws"
-                params["session_id"] = session_id
+            path = f"/ws/research/{session_id}" if research else "/ws"
+        if not path.startswith("/ws/research/"):
+            params.setdefault("session_id", session_id)  # a research path names its session itself
         client = await WebSocketClient.connect(self.port, path, timeout=timeout, headers=headers, **params)
         self.opened.append(client)
         return client
