@@ -398,10 +398,14 @@ async def test_with_descriptors_exhausted_by_idle_sockets_health_and_publishing_
         status, body = await handshake_status(daemon.port, "newcomer")
         assert status == 503, (status, body)  # an answer, not a reset
         assert "descriptors" in orjson.loads(body)["error"]
+        [stream] = await sockets.connect(daemon.port)  # an event stream is refused alike
+        assert await send(stream, get("/sse?session_id=newcomer"))
+        status, _, body = await read_response(stream)
+        assert status == 503 and "descriptors" in orjson.loads(body)["error"], (status, body)
         await expect_every_event(calm, 1)  # the established client was never at risk
 
         metrics = await daemon.metrics()
-        assert metrics['broker_limit_refusals_total{limit="fd_budget"}'] >= 1
+        assert metrics['broker_limit_refusals_total{limit="fd_budget"}'] >= 2
         assert metrics["broker_descriptors_budget"] == NOFILE - RESERVE
         assert metrics["broker_descriptors_limit"] == NOFILE
         assert metrics["broker_accept_failures_total"] == 0  # shedding kept accept() from running out
@@ -463,6 +467,7 @@ async def test_a_foreign_host_gets_421_on_every_route_when_allowed_hosts_is_set(
             get("/api/websocket/stats", foreign),
             get("/no/such/path", foreign),
             handshake("s", foreign),
+            get("/sse?session_id=s", foreign),
             (
                 f"POST /api/sessions/s/events HTTP/1.1\r\nHost: {foreign}\r\nContent-Type: application/json\r\n"
                 'Content-Length: 16\r\n\r\n{"type":"x.y"}\r\n'
