@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,6 +28,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httputil import HTTPHeaders
 
+import handlers.sse
 from actors.messages import Frame
 from actors.wire import control_frame
 from handlers.handshake import HandshakeError
@@ -517,27 +519,45 @@ async def test_the_stream_ends_when_its_token_expires(sse, http_server_client):
 # -- slow consumers -----------------------------------------------------------------------
 
 
-@with_settings(max_queue_bytes=64 * 1024, buffer_size=1000)
-async def test_a_stream_that_is_not_read_gets_slow_consumer_then_ends(sse, http_server_client):
+async def unread_stream(sse: Streams, http: Any, session_id: str) -> tuple[SseClient, socket.socket, int]:
+    """A stream whose client never reads, fed until the broker counts it a slow consumer.
+
+    Returns the client (not yet read from), its socket, and the seq last published.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes back up soon
     sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", sse.port))
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", sse.port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    slow = SseClient(reader, writer, 10.0)
-    sse.opened.append(slow)  # closed at teardown, whatever happens here
-    writer.write(f"GET /sse?session_id=slow1 HTTP/1.1\r\nHost: 127.0.0.1:{sse.port}\r\n\r\n".encode())
-    await wait_until(lambda: connections(http_server_client, "slow1"), lambda c: len(c) == 1, what="the stream")
+    client = SseClient(reader, writer, 10.0)
+    sse.opened.append(client)  # closed at teardown, whatever happens
+    writer.write(f"GET /sse?session_id={session_id} HTTP/1.1\r\nHost: 127.0.0.1:{sse.port}\r\n\r\n".encode())
+    await wait_until(lambda: connections(http, session_id), lambda c: len(c) == 1, what="the stream")
     blob = "x" * 20_000
     published = 0
     for _ in range(200):  # 45 events of 20 kB a request; a few MB fill the kernel's buffers
-        seqs_ = await publish(http_server_client, "slow1", [{"type": "bulk", "blob": blob} for _ in range(45)])
-        published = seqs_[-1] or published
-        if (await stats(http_server_client))["slow_consumer_disconnects"]:
-            break
-    else:
-        raise AssertionError("the stream never counted as a slow consumer")
+        answer = await publish(http, session_id, [{"type": "bulk", "blob": blob} for _ in range(45)])
+        published = answer[-1] or published
+        if (await stats(http))["slow_consumer_disconnects"]:
+            return client, sock, published
+    raise AssertionError("the stream never counted as a slow consumer")
+
+
+def server_side_state(server_port: int, client: socket.socket) -> str | None:
+    """The TCP state of the server's end of `client`'s connection, from /proc/net/tcp (Linux)."""
+    client_port = client.getsockname()[1]
+    states = {"01": "ESTABLISHED", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE"}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return states.get(state, state)
+    return None
+
+
+@with_settings(max_queue_bytes=64 * 1024, buffer_size=1000)
+async def test_a_stream_that_is_not_read_gets_slow_consumer_then_ends(sse, http_server_client):
+    slow, _, published = await unread_stream(sse, http_server_client, "slow1")
+    reader = slow.reader
 
     # Read now: the server gives an ended stream a few seconds for its last bytes.
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -557,6 +577,19 @@ async def test_a_stream_that_is_not_read_gets_slow_consumer_then_ends(sse, http_
     await again.greeting()
     rest = await again.session_events(published - len(delivered))
     assert seqs(rest) == list(range(len(delivered) + 1, published + 1))
+
+
+@with_settings(max_queue_bytes=64 * 1024, buffer_size=1000)
+async def test_an_ended_stream_whose_client_never_reads_loses_its_socket(sse, http_server_client, monkeypatch):
+    monkeypatch.setattr(handlers.sse, "CLOSE_GRACE", 0.3)
+    _, sock, _ = await unread_stream(sse, http_server_client, "slow2")
+    assert server_side_state(sse.port, sock) == "ESTABLISHED"  # its last bytes wait behind what it never read
+    # Then the server gives up on them and closes its end (its kernel still holds data, so FIN_WAIT1).
+    await wait_until(
+        lambda: stats(http_server_client),
+        lambda _: server_side_state(sse.port, sock) not in {"ESTABLISHED", None},
+        what="the server closing an unread stream",
+    )
 
 
 # -- the encoding ------------------------------------------------------------------------
