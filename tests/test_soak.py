@@ -190,6 +190,19 @@ class Reader:
         await drain(self.client)
 
 
+def well_behaved_readers(port: int) -> list[Reader]:
+    """Three readers per session: on /ws, on /ws/research, and one that keeps reconnecting."""
+    return [
+        reader
+        for session_id in SESSIONS
+        for reader in (
+            Reader(port, session_id),
+            Reader(port, session_id, research=True),
+            Reader(port, session_id, reconnect=True),
+        )
+    ]
+
+
 async def publisher(http: Any, deadline: float) -> dict[str, int]:
     """Batches to the sessions in turn until the deadline; large ones to the firehose until the
     slow readers are gone; then end each task (dropping held progress) and publish the end marker."""
@@ -283,15 +296,7 @@ async def test_soak_loses_no_event_for_well_behaved_clients_and_leaves_nothing_b
     deadline = time.monotonic() + SOAK_SECONDS
 
     slow = [await open_slow_reader(port) for _ in range(SLOW_READERS)]
-    readers = [
-        reader
-        for session_id in SESSIONS
-        for reader in (
-            Reader(port, session_id),
-            Reader(port, session_id, research=True),
-            Reader(port, session_id, reconnect=True),
-        )
-    ]
+    readers = well_behaved_readers(port)
     for reader in readers:  # connected before the first publish: each expects every seq from its greeting on
         await reader.connect()
 

@@ -39,12 +39,12 @@ from tests.test_soak import (
     SESSIONS,
     SLOW_READERS,
     SOAK_SECONDS,
-    Reader,
     _close_clients,  # noqa: F401 - the soak's clean-up fixture (autouse), for this module too
     churner,
     finish_slow_reader,
     open_slow_reader,
     publisher,
+    well_behaved_readers,
 )
 from tests.test_sockets import LimitedDaemon, Sockets, closed_by_server, send, until
 
@@ -109,15 +109,7 @@ async def test_hostile_sockets_mixed_into_the_soak_lose_no_event_and_leave_nothi
     deadline = time.monotonic() + SOAK_SECONDS
 
     slow = [await open_slow_reader(port) for _ in range(SLOW_READERS)]
-    readers = [
-        reader
-        for session_id in SESSIONS
-        for reader in (
-            Reader(port, session_id),
-            Reader(port, session_id, research=True),
-            Reader(port, session_id, reconnect=True),
-        )
-    ]
+    readers = well_behaved_readers(port)
     for reader in readers:
         await reader.connect()
 
