@@ -83,7 +83,10 @@ class CuttingProxy:
             self._server.close()
             for pair in list(self._pairs):
                 self._close_pair(pair)
-            loop.run_until_complete(asyncio.sleep(0))
+            pending = asyncio.all_tasks(loop)  # connections still being served: end them, don't abandon them
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     # -- faults ----------------------------------------------------------------
