@@ -73,6 +73,18 @@ async def rate_limited(http: Any) -> float:
     return (await metrics(http)).value("broker_client_messages_rate_limited_total")
 
 
+async def ping_burst(client: WebSocketClient, count: int) -> list[dict[str, Any]]:
+    """Send `count` pings at once, then read one answer per ping (a pong, or an error if it was dropped)."""
+    for _ in range(count):
+        await client.send({"type": "ping"})
+    answers = []
+    for _ in range(count):
+        answer = await client.receive()
+        assert answer is not None, f"closed {client.close_info()} after {answers}"
+        answers.append(answer)
+    return answers
+
+
 def token(sub: str = "u1", sessions: Any = "*") -> str:
     return jwt.encode({"sub": sub, "sessions": sessions, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
 
@@ -252,11 +264,9 @@ async def test_rate_limited_messages_count_as_errors_and_close_1008(connect, htt
 @with_settings(max_client_rate=3, max_client_errors=1000)
 async def test_every_rate_limited_message_is_counted(connect, http_server_client):
     client, _ = await connect("rl2")
-    for _ in range(20):
-        await client.send({"type": "ping"})
-    answers = [await client.receive() for _ in range(20)]  # one answer per ping: pong, or error if dropped
-    limited = [a for a in answers if a is not None and a.get("code") == "rate_limited"]
-    pongs = [a for a in answers if a is not None and a["type"] == "pong"]
+    answers = await ping_burst(client, 20)
+    limited = [a for a in answers if a.get("code") == "rate_limited"]
+    pongs = [a for a in answers if a["type"] == "pong"]
     assert len(limited) + len(pongs) == 20
     assert len(limited) >= 10
     assert await rate_limited(http_server_client) == len(limited)
@@ -398,10 +408,8 @@ async def test_metrics_expose_refusals_by_limit(connect, port, http_server_clien
 @with_settings(max_client_rate=1, max_client_errors=1000)
 async def test_metrics_expose_rate_limited_messages(connect, http_server_client):
     client, _ = await connect("mx2")
-    for _ in range(5):
-        await client.send({"type": "ping"})
-    answers = [await client.receive() for _ in range(5)]  # one answer per ping: pong, or error if dropped
-    limited = [a for a in answers if a is not None and a.get("code") == "rate_limited"]
+    answers = await ping_burst(client, 5)
+    limited = [a for a in answers if a.get("code") == "rate_limited"]
     assert limited, answers
     samples = await metrics(http_server_client)
     assert samples.value("broker_client_messages_rate_limited_total") == len(limited)
