@@ -1,0 +1,146 @@
+-- Shared by every session script: broker/cluster/store.py prepends this file
+-- to each of them before SCRIPT LOAD (Redis scripts cannot include files).
+--
+-- KEYS[1..7] of every session script, all with the session's hash tag:
+--   meta, stream, dedup, dedupz, tasks, undelivered, conns
+-- (layout: broker/cluster/store.py module docstring). Extra keys follow at 8+.
+
+local K_META, K_STREAM, K_DEDUP, K_DEDUPZ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_TASKS, K_UNDELIVERED, K_CONNS = KEYS[5], KEYS[6], KEYS[7]
+
+-- The cluster's one clock: Redis TIME in ms, so nodes' clock skew never
+-- changes a throttle or dedup decision. A non-empty `override` is a test's
+-- injected time; production calls always pass ''.
+local function clock_ms(override)
+  if override ~= nil and override ~= '' then
+    return tonumber(override)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Every key of the session lives session_ttl from now.
+local function expire_session(ttl_ms)
+  for i = 1, 7 do
+    redis.call('PEXPIRE', KEYS[i], ttl_ms)
+  end
+end
+
+-- A session's life begins (it had no meta). Keys an earlier life left behind
+-- (expiry removes keys one by one, so one may outlive meta by a moment) are
+-- dropped so seqs restart at 1 and no old event_id answers. `conns` stays:
+-- it is the nodes' registry of live connections, not history.
+local function begin_life(epoch, now)
+  redis.call('DEL', K_STREAM, K_DEDUP, K_DEDUPZ, K_TASKS, K_UNDELIVERED)
+  redis.call('HSET', K_META, 'epoch', epoch, 'seq', 0, 'created_ms', now, 'throttled', 0)
+end
+
+-- The session's epoch, creating the session with `candidate` if it has none.
+local function session_epoch(candidate, now)
+  local epoch = redis.call('HGET', K_META, 'epoch')
+  if epoch then
+    return epoch
+  end
+  begin_life(candidate, now)
+  return candidate
+end
+
+-- A connection's filter echo admits `etype` (docs/protocol.md section 3.4):
+-- {'*'} everything, {'*', '-a', ...} everything but those, else the listed types.
+local function admits(filter, etype)
+  if filter[1] == '*' then
+    local excluded = '-' .. etype
+    for i = 2, #filter do
+      if filter[i] == excluded then
+        return false
+      end
+    end
+    return true
+  end
+  for i = 1, #filter do
+    if filter[i] == etype then
+      return true
+    end
+  end
+  return false
+end
+
+-- Whether some connection of the session, on any node, admits `etype`
+-- (decides `undelivered`, i.e. replay=missed). `conns` is read once per call.
+local conn_filters = nil
+local admitted = {}
+local function anyone_admits(etype)
+  local known = admitted[etype]
+  if known ~= nil then
+    return known
+  end
+  if conn_filters == nil then
+    conn_filters = {}
+    for _, raw in ipairs(redis.call('HVALS', K_CONNS)) do
+      local ok, info = pcall(cjson.decode, raw)
+      if ok and type(info) == 'table' and type(info.events) == 'table' then
+        conn_filters[#conn_filters + 1] = info.events
+      end
+    end
+  end
+  local yes = false
+  for _, filter in ipairs(conn_filters) do
+    if admits(filter, etype) then
+      yes = true
+      break
+    end
+  end
+  admitted[etype] = yes
+  return yes
+end
+
+-- The payload lines of this call's commits: one PUBLISH per call.
+local lines = {}
+
+-- Give one event its seq and keep it: HINCRBY seq, XADD with id <seq>-0 and
+-- an exact MAXLEN, `undelivered` when no connection admits it, the dedup
+-- record (`only_if_known`: a flushed event's id may have left the window).
+-- `event_json` is a non-empty JSON object; the message is it plus seq and epoch.
+local function commit(epoch, event_json, etype, task_key, event_id, buffer_size, only_if_known)
+  local seq = redis.call('HINCRBY', K_META, 'seq', 1)
+  local message = string.sub(event_json, 1, -2) .. ',"seq":' .. seq .. ',"epoch":"' .. epoch .. '"}'
+  redis.call('XADD', K_STREAM, 'MAXLEN', '=', buffer_size, seq .. '-0', 'm', message, 't', etype, 'k', task_key)
+  if not anyone_admits(etype) then
+    redis.call('ZADD', K_UNDELIVERED, seq, seq)
+  end
+  if (not only_if_known) or redis.call('HEXISTS', K_DEDUP, event_id) == 1 then
+    redis.call('HSET', K_DEDUP, event_id, seq)
+  end
+  -- The payload's task field is the raw task_id, except one holding a tab or a
+  -- newline (the payload's separators): that one is sent empty (the stream's
+  -- `k` keeps it exact); a progress frame without task_id is only never compacted.
+  local task_field = task_key
+  if string.find(task_key, '[\t\n]') then
+    task_field = ''
+  end
+  lines[#lines + 1] = seq .. '\t' .. etype .. '\t' .. task_field .. '\t' .. message
+  return seq
+end
+
+-- After the commits of a call: forget `undelivered` seqs the stream trimmed,
+-- then announce the whole call in one payload: "E <epoch>" and a line per message.
+local function finish_commits(epoch, channel)
+  if #lines == 0 then
+    return
+  end
+  local first = redis.call('XRANGE', K_STREAM, '-', '+', 'COUNT', 1)
+  if first[1] then
+    local first_seq = string.match(first[1][1], '^(%d+)')
+    redis.call('ZREMRANGEBYSCORE', K_UNDELIVERED, '-inf', '(' .. first_seq)
+  end
+  redis.call('PUBLISH', channel, 'E ' .. epoch .. '\n' .. table.concat(lines, '\n'))
+end
+
+-- The first seq still in the stream (last_seq + 1 when it is empty).
+local function first_seq(last_seq)
+  local first = redis.call('XRANGE', K_STREAM, '-', '+', 'COUNT', 1)
+  if first[1] then
+    return tonumber(string.match(first[1][1], '^(%d+)'))
+  end
+  return last_seq + 1
+end

@@ -1,0 +1,18 @@
+-- create / ensure: a session's meta with a new epoch if it has none (common.lua first).
+-- KEYS[1..7] session keys. ARGV: [1] now_ms ('' = Redis TIME), [2] candidate epoch,
+--   [3] session_ttl_ms.
+-- Returns {1 if this call (or an earlier try of it, same candidate) created it, epoch}.
+
+local now = clock_ms(ARGV[1])
+local existing = redis.call('HGET', K_META, 'epoch')
+local created = 0
+local epoch = existing
+if not existing then
+  begin_life(ARGV[2], now)
+  epoch = ARGV[2]
+  created = 1
+elseif existing == ARGV[2] then
+  created = 1  -- a retry of a call that did create it
+end
+expire_session(tonumber(ARGV[3]))
+return {created, epoch}

@@ -1,0 +1,182 @@
+-- publish: one batch of events into one session, atomically (common.lua first).
+-- KEYS[1..7] session keys (common.lua), KEYS[8] the global due set.
+-- ARGV: [1] now_ms ('' = Redis TIME; tests only), [2] candidate epoch,
+--   [3] buffer_size, [4] dedup_window_ms, [5] min_delta, [6] max_interval_ms,
+--   [7] session_ttl_ms, [8] events channel, [9] due member prefix ("<sid>\n"),
+--   [10] n, then per event 6 values: event_id, type, task_id ('' if none),
+--   progress (text, '' if none), current_action ('' for none, else '=' .. text),
+--   event JSON.
+-- Returns {seqs (0 = null), held {task_id, due_ms, ...}, throttled, received, now_ms}.
+--
+-- Per event, in order, exactly as the memory backend (actors/session.py
+-- publish, actors/throttle.py ProgressThrottle, actors/dedup.py):
+-- a known event_id answers the seq it got (null while held or discarded) and
+-- does nothing else; task_progress goes through the throttle; task_completed /
+-- task_failed drop what is held and finish the task; task_started restarts a
+-- finished task; everything else is committed.
+
+local K_DUE = KEYS[8]
+local now = clock_ms(ARGV[1])
+local buffer_size = tonumber(ARGV[3])
+local dedup_window = tonumber(ARGV[4])
+local min_delta = tonumber(ARGV[5])
+local max_interval = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local channel = ARGV[8]
+local due_prefix = ARGV[9]
+local n = tonumber(ARGV[10])
+
+local epoch = session_epoch(ARGV[2], now)
+
+-- Forget event ids accepted before the window (actors/dedup.py forget_before).
+local horizon = '(' .. (now - dedup_window)
+local old = redis.call('ZRANGEBYSCORE', K_DEDUPZ, '-inf', horizon)
+if #old > 0 then
+  for i = 1, #old, 500 do
+    redis.call('HDEL', K_DEDUP, unpack(old, i, math.min(i + 499, #old)))
+  end
+  redis.call('ZREMRANGEBYSCORE', K_DEDUPZ, '-inf', horizon)
+end
+
+local throttled = 0
+local received = 0
+local held_tasks = {}  -- task_id -> due_ms of what this call newly held
+local held_order = {}
+
+-- Task state, read once per task and written back at the end:
+-- {last_ms, progress (text), action, finished, held (event JSON), held_id,
+--  held_progress, held_action}; {} is a task with nothing delivered yet.
+local tasks = {}
+local dirty = {}
+local function task_of(task_id)
+  local task = tasks[task_id]
+  if task == nil then
+    local raw = redis.call('HGET', K_TASKS, task_id)
+    if raw then
+      task = cjson.decode(raw)
+    else
+      task = {}
+    end
+    tasks[task_id] = task
+  end
+  dirty[task_id] = true
+  return task
+end
+
+-- Whatever was held for the task will never be delivered: count it, drop it.
+local function drop_held(task, task_id)
+  if task.held ~= nil then
+    throttled = throttled + 1
+    task.held, task.held_id, task.held_progress, task.held_action = nil, nil, nil, nil
+    redis.call('ZREM', K_DUE, due_prefix .. task_id)
+    if held_tasks[task_id] ~= nil then
+      held_tasks[task_id] = false
+    end
+  end
+end
+
+-- The event carries news worth sending now (ProgressThrottle._wanted).
+local function wanted(task, progress, action)
+  return task.last_ms == nil
+    or progress == 0 or progress == 100
+    or math.abs(progress - tonumber(task.progress)) >= min_delta
+    or action ~= task.action
+end
+
+local function offer(task_id, event_id, progress_text, action, json)
+  local task = task_of(task_id)
+  if task.finished then
+    throttled = throttled + 1
+    return 0
+  end
+  if wanted(task, tonumber(progress_text), action) then
+    drop_held(task, task_id)
+    task.last_ms, task.progress, task.action = now, progress_text, action
+    return commit(epoch, json, 'task_progress', task_id, event_id, buffer_size, false)
+  end
+  if task.held ~= nil then
+    throttled = throttled + 1  -- superseded while held
+  else
+    local due = math.max(now, task.last_ms + max_interval)
+    redis.call('ZADD', K_DUE, due, due_prefix .. task_id)
+    if held_tasks[task_id] == nil then
+      held_order[#held_order + 1] = task_id
+    end
+    held_tasks[task_id] = due
+  end
+  task.held, task.held_id, task.held_progress, task.held_action = json, event_id, progress_text, action
+  return 0
+end
+
+local seqs = {}
+for i = 0, n - 1 do
+  local base = 11 + i * 6
+  local event_id, etype, task_id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  local prior = redis.call('HGET', K_DEDUP, event_id)
+  local seq = 0
+  if prior then
+    if prior ~= '' then
+      seq = tonumber(prior)
+    end
+  else
+    received = received + 1
+    redis.call('HSET', K_DEDUP, event_id, '')
+    redis.call('ZADD', K_DEDUPZ, now, event_id)
+    local json = ARGV[base + 5]
+    if etype == 'task_progress' then
+      local action = ARGV[base + 4]
+      if action == '' then
+        action = nil
+      else
+        action = string.sub(action, 2)
+      end
+      seq = offer(task_id, event_id, ARGV[base + 3], action, json)
+    else
+      if etype == 'task_completed' or etype == 'task_failed' then
+        local task = task_of(task_id)
+        drop_held(task, task_id)
+        task.finished = true
+      elseif etype == 'task_started' then
+        local task = tasks[task_id]
+        if task == nil then
+          local raw = redis.call('HGET', K_TASKS, task_id)
+          if raw then
+            task = cjson.decode(raw)
+            tasks[task_id] = task
+          end
+        end
+        if task ~= nil and task.finished then
+          tasks[task_id] = {}  -- afresh: its next progress is "first"
+          dirty[task_id] = true
+        end
+      end
+      seq = commit(epoch, json, etype, '', event_id, buffer_size, false)
+    end
+  end
+  seqs[#seqs + 1] = seq
+end
+
+for task_id in pairs(dirty) do
+  local task = tasks[task_id]
+  if next(task) == nil then
+    redis.call('HDEL', K_TASKS, task_id)
+  else
+    redis.call('HSET', K_TASKS, task_id, cjson.encode(task))
+  end
+end
+
+local held = {}
+for _, task_id in ipairs(held_order) do
+  if held_tasks[task_id] then
+    held[#held + 1] = task_id
+    held[#held + 1] = held_tasks[task_id]
+  end
+end
+
+if throttled > 0 then
+  redis.call('HINCRBY', K_META, 'throttled', throttled)
+end
+redis.call('HSET', K_META, 'last_event_ms', now)
+finish_commits(epoch, channel)
+expire_session(ttl)
+return {seqs, held, throttled, received, now}

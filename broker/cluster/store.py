@@ -1,0 +1,525 @@
+"""RedisStore: what nodes share about sessions, in Redis (docs/protocol.md section 7).
+
+The one place that knows the Redis key layout. Every key of one session
+carries the session id as a hash tag, so they hash to one slot:
+
+    ab:{sid}:meta         hash    epoch, seq (last assigned), created_ms, last_event_ms, throttled
+    ab:{sid}:stream       stream  one entry per message, id <seq>-0, fields m (message JSON), t (type),
+                                  k (task_id of a task_progress, else "")
+    ab:{sid}:dedup        hash    event_id -> seq, or "" while held / once discarded
+    ab:{sid}:dedupz       zset    event_id scored by accept time (ms): the dedup window
+    ab:{sid}:tasks        hash    task_id -> JSON throttle state, held event included
+    ab:{sid}:undelivered  zset    seqs no connection on any node admitted (replay=missed)
+    ab:{sid}:conns        hash    connection_id -> JSON {node_id, user_id, events, ...}
+    ab:{sid}:query        string  the running query's id (the one-query-at-a-time lock)
+    ab:throttle:due       zset    "<sid>\\n<task_id>" scored by due time: the trailing-edge sweep
+    ab:nodes              hash    node_id -> last heartbeat (Redis time, ms)
+
+Channels: `ab:{sid}:events` (one payload per publish or flush call, or a
+deletion; broker/cluster/payload.py parses it), `ab:broadcast`, `ab:canary:<node_id>`.
+
+Every decision that must hold across nodes (dedup, throttle, seq, trim,
+`undelivered`) is taken inside one Lua script per call (broker/cluster/lua/,
+`common.lua` prepended to each session script), with Redis TIME as the clock,
+so two nodes can never hand out one seq or interleave a batch, and node clock
+skew changes nothing.
+
+Round trips: a publish (a whole batch) is ONE EVALSHA; so are flush, read,
+read_missed, create/ensure and delete. Only after the script cache was lost
+(a Redis restart, SCRIPT FLUSH) does the first call of each script cost three
+(EVALSHA answered NOSCRIPT, SCRIPT LOAD, EVALSHA again: redis-py's
+AsyncScript). redis-py may add a PING before a command on a connection idle
+for longer than `health_check_interval`.
+
+Failures: anything that means "Redis cannot answer now" (refused, reset,
+timed out, loading, read-only replica, out of memory, busy) is raised as
+`BackendUnavailable` after redis-py's own retry with exponential backoff. A
+script that rejects its input is a bug in the caller or here and is raised as
+redis-py's `ResponseError`, never as unavailability. A publish retried after
+a timeout is safe: the events' ids make the second run answer the first's seqs.
+
+Time for tests: `publish`, `flush`, `create`, `ensure` and `due` take an
+optional `now_ms` that replaces Redis TIME inside the script (so throttle and
+dedup-window rules can be tested with plain numbers). Production never passes it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+
+from actors.ids import new_epoch
+from actors.wire import SESSION_ID_RE
+
+__all__ = [
+    "BackendUnavailable",
+    "EventMeta",
+    "Limits",
+    "PublishResult",
+    "RedisStore",
+    "Slice",
+    "StoredMessage",
+]
+
+_SESSION_KEYS = ("meta", "stream", "dedup", "dedupz", "tasks", "undelivered", "conns")
+_FINISHING = frozenset({"task_completed", "task_failed"})
+
+
+class BackendUnavailable(Exception):  # noqa: N818 - the design's name; it is a condition, not a bug
+    """Redis unreachable, timed out, refusing writes, or the connection cut mid-call.
+
+    After a cut the outcome is unknown: the call may have run. Callers answer
+    503 and the publisher retries with the same event ids.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One committed message, as the stream keeps it."""
+
+    seq: int
+    type: str
+    task_id: str | None  # set for task_progress only (the outbox compacts by it)
+    data: bytes  # the message JSON, as clients receive it
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """A consistent snapshot of a session's history: meta and stream read together."""
+
+    epoch: str  # "" for a session that does not exist
+    last_seq: int  # the session's newest seq (0: none yet)
+    first_seq: int  # oldest seq still in the stream (last_seq + 1 when empty)
+    messages: list[StoredMessage]  # in seq order
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What one publish call did.
+
+    `held` lists (task_id, due_ms) for tasks this call started holding: the
+    node schedules `flush` at due_ms - now_ms from now (both Redis time).
+    `throttled` and `received` are this call's shares of throttled_events and
+    total_events_received (duplicates are not received again).
+    """
+
+    seqs: list[int | None]  # one per event, as the 202 body
+    held: list[tuple[str, int]]
+    throttled: int = 0
+    received: int = 0
+    now_ms: int = 0  # Redis time at the publish
+
+
+@dataclass(frozen=True, slots=True)
+class EventMeta:
+    """What the publish script needs of one validated event besides its JSON."""
+
+    event_id: str
+    type: str
+    task_id: str | None = None
+    progress: float | None = None  # task_progress only
+    current_action: str | None = None  # task_progress only
+
+    @classmethod
+    def of(cls, event: dict[str, Any]) -> EventMeta:
+        """The meta of a validated event dict (broker/validation.py's output)."""
+        return cls(
+            event["event_id"],
+            event["type"],
+            event.get("task_id"),
+            event.get("progress"),
+            event.get("current_action"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The settings one call applies (passed per call, so a reload applies at once)."""
+
+    buffer_size: int
+    dedup_window_ms: int
+    min_delta: float
+    max_interval_ms: int
+    session_ttl_ms: int
+
+
+def _load(name: str) -> str:
+    return resources.files("broker.cluster").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+_UNAVAILABLE_RESPONSES = (rx.ReadOnlyError, rx.OutOfMemoryError, rx.ClusterDownError, rx.TryAgainError)
+_UNAVAILABLE_PREFIXES = ("LOADING", "BUSY", "MISCONF", "MASTERDOWN", "NOREPLICAS", "READONLY", "OOM")
+
+
+def _unavailable(error: Exception) -> bool:
+    """Whether `error` means Redis cannot serve now (as opposed to a bad call)."""
+    if isinstance(error, (rx.ConnectionError, rx.TimeoutError, OSError, *_UNAVAILABLE_RESPONSES)):
+        return True
+    return isinstance(error, rx.ResponseError) and str(error).startswith(_UNAVAILABLE_PREFIXES)
+
+
+def _message(entry: list[Any]) -> StoredMessage:
+    """A stream entry [b"<seq>-0", [b"m", msg, b"t", type, b"k", task]] as a StoredMessage."""
+    entry_id, raw = entry
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    task = fields.get(b"k", b"")
+    return StoredMessage(int(entry_id.split(b"-", 1)[0]), fields[b"t"].decode(), task.decode() or None, fields[b"m"])
+
+
+def _slice(reply: list[Any]) -> Slice:
+    epoch, last_seq, first_seq, entries = reply
+    return Slice(epoch.decode(), int(last_seq), int(first_seq), [_message(e) for e in entries])
+
+
+def _check_session(session_id: str) -> None:
+    if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+        raise ValueError(f"invalid session id {session_id!r}")
+
+
+def _now_arg(now_ms: int | None) -> str:
+    return "" if now_ms is None else str(int(now_ms))
+
+
+class RedisStore:
+    """Sessions' shared state in one Redis; every method is a coroutine on the node's loop.
+
+    Build it with `from_url`; one per node, sharing redis-py's connection pool.
+    """
+
+    def __init__(self, client: Redis, *, prefix: str = "ab") -> None:
+        self.client = client
+        self.prefix = prefix
+        common = _load("common.lua")
+
+        def session_script(name: str) -> AsyncScript:
+            return client.register_script(common + "\n" + _load(name))
+
+        self._publish = session_script("publish.lua")
+        self._flush = session_script("flush.lua")
+        self._read = session_script("read.lua")
+        self._read_missed = session_script("read_missed.lua")
+        self._create_script = session_script("create.lua")
+        self._delete = session_script("delete.lua")
+        self._lock = client.register_script(_load("lock_query.lua"))
+        self._unlock = client.register_script(_load("unlock_query.lua"))
+        self._due = client.register_script(_load("due.lua"))
+        self._heartbeat = client.register_script(_load("heartbeat.lua"))
+        self._live_nodes = client.register_script(_load("live_nodes.lua"))
+        self._due_key = f"{prefix}:throttle:due"
+        self._nodes_key = f"{prefix}:nodes"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "ab",
+        timeout: float = 1.0,
+        retries: int = 1,
+        max_connections: int = 64,
+        health_check_interval: int = 30,
+    ) -> RedisStore:
+        """A store on redis-py's own pool: `timeout` for connect and each reply, then
+        `retries` more tries with exponential backoff. A Redis that hangs (SIGSTOP, a
+        network holding packets) is reported after about (retries + 1) x timeout."""
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+        client = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=retry,
+            max_connections=max_connections,
+            health_check_interval=health_check_interval,
+        )
+        return cls(client, prefix=prefix)
+
+    # -- names -----------------------------------------------------------------
+
+    def _keys(self, session_id: str) -> list[str]:
+        _check_session(session_id)
+        return [f"{self.prefix}:{{{session_id}}}:{name}" for name in _SESSION_KEYS]
+
+    def _query_key(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:query"
+
+    def events_channel(self, session_id: str) -> str:
+        """The pub/sub channel of one session's committed messages: "ab:{sid}:events"."""
+        return f"{self.prefix}:{{{session_id}}}:events"
+
+    @property
+    def broadcast_channel(self) -> str:
+        """The channel every node subscribes for POST /api/broadcast."""
+        return f"{self.prefix}:broadcast"
+
+    def canary_channel(self, node_id: str) -> str:
+        """The channel of one node's end-to-end check."""
+        return f"{self.prefix}:canary:{node_id}"
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def _run(self, what: str, call: Any) -> Any:
+        """Await one redis-py call, turning "Redis cannot answer" into BackendUnavailable."""
+        try:
+            return await call
+        except Exception as exc:
+            if _unavailable(exc):
+                raise BackendUnavailable(f"redis unavailable during {what}: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def close(self) -> None:
+        """Close the pool's connections."""
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        """One PING; raises BackendUnavailable if Redis does not answer."""
+        await self._run("ping", self.client.ping())
+
+    async def check_server(self) -> list[str]:
+        """Warnings about the server's configuration (logged at start-up), [] when all is well."""
+        warnings: list[str] = []
+        info = await self._run("check_server", self.client.info("server"))
+        version = str(info.get("redis_version", "0"))
+        if tuple(int(part) for part in version.split(".")[:1]) < (7,):
+            warnings.append(f"redis {version} is older than 7.0, which the redis backend needs")
+        try:
+            policy = await self._run("check_server", self.client.config_get("maxmemory-policy"))
+        except rx.ResponseError as exc:  # CONFIG may be renamed or forbidden by an ACL
+            warnings.append(f"cannot read maxmemory-policy ({exc}); it must be noeviction")
+        else:
+            value = policy.get(b"maxmemory-policy", policy.get("maxmemory-policy", b""))
+            value = value.decode() if isinstance(value, bytes) else str(value)
+            if value != "noeviction":
+                warnings.append(f"maxmemory-policy is {value!r}: Redis may evict session history; use noeviction")
+        return warnings
+
+    # -- publishing --------------------------------------------------------------
+
+    async def publish(
+        self,
+        session_id: str,
+        events: list[bytes],
+        meta: list[EventMeta],
+        limits: Limits,
+        *,
+        now_ms: int | None = None,
+    ) -> PublishResult:
+        """Publish a batch to one session in ONE script call: dedup, throttle, seq, XADD, PUBLISH.
+
+        `events` are the validated events' JSON objects (actors.messages.encode),
+        `meta` what the script needs of each. Creates the session (new epoch) if
+        it does not exist. Semantics exactly as the memory backend (module docstring).
+        """
+        keys = self._keys(session_id)
+        if len(events) != len(meta):
+            raise ValueError(f"{len(events)} events but {len(meta)} metas")
+        args: list[str | bytes | int] = [
+            _now_arg(now_ms),
+            new_epoch(),
+            limits.buffer_size,
+            limits.dedup_window_ms,
+            repr(float(limits.min_delta)),
+            limits.max_interval_ms,
+            limits.session_ttl_ms,
+            self.events_channel(session_id),
+            session_id + "\n",
+            len(events),
+        ]
+        for data, item in zip(events, meta, strict=True):
+            if len(data) < 3 or data[:1] != b"{" or data[-1:] != b"}":
+                raise ValueError(f"event {item.event_id!r} is not a non-empty JSON object")
+            if item.type == "task_progress" and item.progress is None:
+                raise ValueError(f"task_progress {item.event_id!r} has no progress")
+            if (item.type == "task_progress" or item.type in _FINISHING) and not item.task_id:
+                raise ValueError(f"{item.type} {item.event_id!r} has no task_id")
+            action = "" if item.current_action is None else "=" + item.current_action
+            progress = "" if item.progress is None else repr(item.progress)
+            args += [item.event_id, item.type, item.task_id or "", progress, action, data]
+        reply = await self._run("publish", self._publish(keys=[*keys, self._due_key], args=args))
+        seqs, held, throttled, received, now = reply
+        return PublishResult(
+            [seq or None for seq in seqs],
+            [(held[i].decode(), int(held[i + 1])) for i in range(0, len(held), 2)],
+            int(throttled),
+            int(received),
+            int(now),
+        )
+
+    async def flush(self, session_id: str, task_id: str, limits: Limits, *, now_ms: int | None = None) -> int | None:
+        """The trailing edge: commit the task's held progress if it is due; its seq, else None.
+
+        Idempotent: a second flush, or one after a delivery or a finish got there
+        first, does nothing. Not due yet (max_interval grew): None, and the due
+        set holds the new time, so the sweep delivers it.
+        """
+        keys = self._keys(session_id)
+        args: list[str | int] = [
+            _now_arg(now_ms),
+            task_id,
+            f"{session_id}\n{task_id}",
+            limits.max_interval_ms,
+            limits.buffer_size,
+            limits.session_ttl_ms,
+            self.events_channel(session_id),
+        ]
+        seq, _due = await self._run("flush", self._flush(keys=[*keys, self._due_key], args=args))
+        return int(seq) or None
+
+    async def due(self, now_ms: int | None = None, limit: int = 100) -> list[tuple[str, str]]:
+        """(session_id, task_id) of held progress due by now (Redis time), earliest first: flush each."""
+        members = await self._run("due", self._due(keys=[self._due_key], args=[_now_arg(now_ms), limit]))
+        pairs: list[tuple[str, str]] = []
+        for member in members:
+            session_id, _, task_id = member.decode().partition("\n")
+            pairs.append((session_id, task_id))
+        return pairs
+
+    # -- reading -----------------------------------------------------------------
+
+    async def read(self, session_id: str, after_seq: int) -> Slice:
+        """Meta and the stream after `after_seq`, in one snapshot; a missing session is
+        Slice("", 0, 1, []) (a read never creates one). first_seq > after_seq + 1 is a gap."""
+        if after_seq < 0:
+            raise ValueError(f"after_seq must be >= 0, not {after_seq}")
+        reply = await self._run("read", self._read(keys=self._keys(session_id), args=[after_seq]))
+        return _slice(reply)
+
+    async def read_missed(self, session_id: str, events: list[str] | None = None) -> Slice:
+        """replay=missed: the messages no connection on any node was sent yet, that the
+        filter echo `events` admits (None: all); they leave `undelivered` (they are sent now)."""
+        arg = "" if events is None else orjson.dumps(events)
+        reply = await self._run("read_missed", self._read_missed(keys=self._keys(session_id), args=[arg]))
+        return _slice(reply)
+
+    async def describe(self, session_id: str) -> dict[str, Any] | None:
+        """The session's meta for GET /api/sessions/{id}, or None if it does not exist:
+        epoch, last_seq, buffered (messages in the stream), created_ms, last_event_ms
+        (None before the first event), throttled. One round trip (MULTI of HGETALL, XLEN)."""
+        keys = self._keys(session_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(keys[0])
+        pipe.xlen(keys[1])
+        meta, buffered = await self._run("describe", pipe.execute())
+        if b"epoch" not in meta:
+            return None
+        last_event = meta.get(b"last_event_ms")
+        return {
+            "epoch": meta[b"epoch"].decode(),
+            "last_seq": int(meta.get(b"seq", 0)),
+            "buffered": int(buffered),
+            "created_ms": int(meta.get(b"created_ms", 0)),
+            "last_event_ms": int(last_event) if last_event is not None else None,
+            "throttled": int(meta.get(b"throttled", 0)),
+        }
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session exists (has meta)."""
+        return bool(await self._run("exists", self.client.exists(self._keys(session_id)[0])))
+
+    # -- session lifecycle ---------------------------------------------------------
+
+    async def _create(self, session_id: str, session_ttl_ms: int, now_ms: int | None) -> tuple[bool, str]:
+        args: list[str | int] = [_now_arg(now_ms), new_epoch(), session_ttl_ms]
+        created, epoch = await self._run("create", self._create_script(keys=self._keys(session_id), args=args))
+        return bool(created), epoch.decode()
+
+    async def create(self, session_id: str, session_ttl_ms: int, *, now_ms: int | None = None) -> bool:
+        """Research start: create the session with a new epoch; False if it existed (409)."""
+        created, _ = await self._create(session_id, session_ttl_ms, now_ms)
+        return created
+
+    async def ensure(self, session_id: str, session_ttl_ms: int, *, now_ms: int | None = None) -> str:
+        """The session's epoch, creating the session if absent (a first connection does)."""
+        _, epoch = await self._create(session_id, session_ttl_ms, now_ms)
+        return epoch
+
+    async def delete(self, session_id: str) -> bool:
+        """DELETE: every key of the session and its due entries go; "D <epoch>" is published
+        so every node closes its clients. False if it did not exist."""
+        keys = [*self._keys(session_id), self._due_key, self._query_key(session_id)]
+        args = [self.events_channel(session_id), session_id + "\n"]
+        return bool(await self._run("delete", self._delete(keys=keys, args=args)))
+
+    async def touch(self, session_ids: list[str], session_ttl_ms: int) -> None:
+        """Every key of these sessions lives session_ttl from now (one pipeline, one round trip)."""
+        if not session_ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for session_id in session_ids:
+            for key in self._keys(session_id):
+                pipe.pexpire(key, session_ttl_ms)
+        await self._run("touch", pipe.execute())
+
+    # -- connections -------------------------------------------------------------
+
+    async def put_connection(
+        self, session_id: str, connection_id: str, info: dict[str, Any], session_ttl_ms: int
+    ) -> None:
+        """Register or update one connection (node_id, user_id, events filter echo, stats).
+
+        `events` decides replay=missed for the whole cluster; `updated_ms` is
+        added (this node's clock) when the caller did not set it.
+        """
+        conns = self._keys(session_id)[6]
+        record = dict(info)
+        record.setdefault("updated_ms", int(time.time() * 1000))
+        if not isinstance(record.get("events"), list):
+            raise ValueError("connection info needs 'events', the filter echo (a list of strings)")
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(conns, connection_id, orjson.dumps(record))
+        pipe.pexpire(conns, session_ttl_ms)
+        await self._run("put_connection", pipe.execute())
+
+    async def drop_connection(self, session_id: str, connection_id: str) -> None:
+        """Forget one connection."""
+        await self._run("drop_connection", self.client.hdel(self._keys(session_id)[6], connection_id))
+
+    async def connections(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's connections on every node, each with `connection_id` added."""
+        raw = await self._run("connections", self.client.hgetall(self._keys(session_id)[6]))
+        result: list[dict[str, Any]] = []
+        for connection_id, data in sorted(raw.items()):
+            record = orjson.loads(data)
+            record["connection_id"] = connection_id.decode()
+            result.append(record)
+        return result
+
+    # -- queries -------------------------------------------------------------------
+
+    async def lock_query(self, session_id: str, query_id: str, ttl_ms: int) -> bool:
+        """Take the session's query lock for `ttl_ms`; False if another query holds it (busy)."""
+        _check_session(session_id)
+        keys = [self._query_key(session_id)]
+        return bool(await self._run("lock_query", self._lock(keys=keys, args=[query_id, ttl_ms])))
+
+    async def unlock_query(self, session_id: str, query_id: str) -> None:
+        """Release the lock, only if `query_id` still holds it."""
+        _check_session(session_id)
+        await self._run("unlock_query", self._unlock(keys=[self._query_key(session_id)], args=[query_id]))
+
+    # -- nodes and fan-out -------------------------------------------------------------
+
+    async def heartbeat(self, node_id: str) -> None:
+        """This node is alive (stamped with Redis time)."""
+        await self._run("heartbeat", self._heartbeat(keys=[self._nodes_key], args=[node_id]))
+
+    async def live_nodes(self, silent_after_ms: int) -> list[str]:
+        """Nodes heard from within `silent_after_ms` (sorted); the silent ones are forgotten."""
+        names = await self._run("live_nodes", self._live_nodes(keys=[self._nodes_key], args=[silent_after_ms]))
+        return sorted(name.decode() for name in names)
+
+    async def broadcast(self, payload: bytes) -> None:
+        """PUBLISH on ab:broadcast (POST /api/broadcast reaches every node)."""
+        await self._run("broadcast", self.client.publish(self.broadcast_channel, payload))
+
+    async def canary(self, node_id: str, token: bytes) -> None:
+        """PUBLISH a node's canary token on ab:canary:<node_id>."""
+        await self._run("canary", self.client.publish(self.canary_channel(node_id), token))
