@@ -277,7 +277,7 @@ class RedisStore:
 
     async def close(self) -> None:
         """Close the pool's connections."""
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
         """One PING; raises BackendUnavailable if Redis does not answer."""
