@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,12 @@ class _Waiter:
 
     ticket: int | None
     future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _describe(error: BaseException) -> str:
+    """An error for the log: redis-py's repr() of its errors drops the message."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _connection_of(pubsub: PubSub) -> AbstractConnection | None:
@@ -144,8 +151,11 @@ class Subscriber:
         # The pub/sub connection: redis-py must not retry or reconnect it by itself
         # (it would resubscribe behind our back, and we would never call on_restored):
         # no error is "supported" by its Retry, so every error reaches the reader.
+        # Named, so that CLIENT LIST on the Redis side says which node a connection belongs to.
+        name = re.sub(r"[^\x21-\x7e]", "_", node_id)
         self._sub_client = Redis.from_url(
             url,
+            client_name=f"actor-broker:pubsub:{name}",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0, supported_errors=()),
@@ -154,6 +164,7 @@ class Subscriber:
         # The canary's publisher: an ordinary client, bounded by the canary's own deadline.
         self._pub_client = Redis.from_url(
             url,
+            client_name=f"actor-broker:canary:{name}",
             socket_timeout=check_interval,
             socket_connect_timeout=check_interval,
             retry=Retry(NoBackoff(), 0),
@@ -223,7 +234,7 @@ class Subscriber:
         error = await started
         if error is not None:
             await self._end_tasks()
-            raise BackendUnavailable(f"cannot subscribe to Redis: {error!r}") from error
+            raise BackendUnavailable(f"cannot subscribe to Redis: {_describe(error)}") from error
         self._canary_task = asyncio.create_task(self._canary_loop(), name=f"subscriber-canary-{self.node_id}")
 
     async def stop(self) -> None:
@@ -260,7 +271,7 @@ class Subscriber:
                     except (RedisError, OSError) as error:
                         # The reader sees the same broken connection, makes a new one and
                         # subscribes every wanted channel again: that confirms this waiter.
-                        self._log.debug("subscribe_not_sent", session_id=session_id, error=repr(error))
+                        self._log.debug("subscribe_not_sent", session_id=session_id, error=_describe(error))
                 await waiter.future
         except TimeoutError:
             if self._wanted.get(channel) == session_id:
@@ -292,7 +303,7 @@ class Subscriber:
                 await pubsub.unsubscribe(channel)
                 await waiter.future
         except (TimeoutError, RedisError, OSError, BackendUnavailable) as error:
-            self._log.debug("unsubscribe_unconfirmed", session_id=session_id, error=repr(error))
+            self._log.debug("unsubscribe_unconfirmed", session_id=session_id, error=_describe(error))
         finally:
             self._drop_waiter(key, waiter)
 
@@ -308,7 +319,7 @@ class Subscriber:
                 raise
             except Exception as error:  # noqa: BLE001 - whatever went wrong, the answer is a new connection
                 if self._started is not None and not self._started.done():
-                    self._log.warning("pubsub_connect_failed", error=repr(error))
+                    self._log.warning("pubsub_connect_failed", error=_describe(error))
                     await self._teardown()
                     self._started.set_result(error)  # start() raises it
                     return
@@ -418,9 +429,9 @@ class Subscriber:
     def _lost(self, error: Exception) -> None:
         if not self._outage:
             self._outage = True
-            self._log.warning("pubsub_lost", error=repr(error), sessions=len(self._wanted))
+            self._log.warning("pubsub_lost", error=_describe(error), sessions=len(self._wanted))
         else:
-            self._log.debug("pubsub_connect_failed", error=repr(error), attempt=self._attempt)
+            self._log.debug("pubsub_connect_failed", error=_describe(error), attempt=self._attempt)
 
     async def _teardown(self) -> None:
         """Forget the current connection: not subscribed, not healthy; close it."""
@@ -454,7 +465,10 @@ class Subscriber:
             self._probe_now.clear()
             next_at = loop.time() + self.check_interval
             if self._subscribed and self._teardown_reason is None:
-                await self._probe(next_at)
+                try:
+                    await self._probe(next_at)
+                except Exception:  # noqa: BLE001 - the check must outlive its own bugs
+                    self._log.exception("canary_failed_unexpectedly")
 
     async def _probe(self, deadline: float) -> None:
         token = secrets.token_hex(8).encode()
@@ -485,7 +499,7 @@ class Subscriber:
         if not self._deaf:
             self._deaf = True
             self._log.warning(
-                "backend_deaf", check_interval=self.check_interval, error=repr(error), sessions=len(self._wanted)
+                "backend_deaf", check_interval=self.check_interval, error=_describe(error), sessions=len(self._wanted)
             )
         self._teardown_reason = "canary"
 
