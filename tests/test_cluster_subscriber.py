@@ -409,6 +409,20 @@ async def test_stop_fails_a_subscribe_still_waiting_for_its_confirmation(io_loop
         await asyncio.wait_for(waiting, 5)
 
 
+async def test_stop_while_start_waits_on_a_hung_redis_ends_the_start(io_loop, nodes, redis_server):
+    subscriber, _ = nodes(timeout=30.0)
+    redis_server.pause()
+    try:
+        starting = asyncio.ensure_future(subscriber.start())
+        await until(lambda: any(t.get_name().startswith("subscriber-") for t in asyncio.all_tasks()), "start began")
+        await subscriber.stop()
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(starting, 5)
+    finally:
+        redis_server.resume()
+    assert not [task for task in asyncio.all_tasks() if task.get_name().startswith("subscriber-")]
+
+
 async def numsub_settles(redis: Redis, session_id: str, count: int) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10

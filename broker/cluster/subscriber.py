@@ -1,4 +1,4 @@
-"""Subscriber: the node's one Redis pub/sub connection, kept alive and proven alive (docs/protocol.md section 7).
+"""Subscriber: the node's one Redis pub/sub connection, kept alive and proven alive (docs/cluster.md).
 
 A node hears what other nodes commit through Redis pub/sub: the channel of
 every session it holds connections for (`ab:{sid}:events`), the broadcast
@@ -240,6 +240,8 @@ class Subscriber:
     async def stop(self) -> None:
         """End both tasks and close every connection; pending subscribe() calls raise BackendUnavailable."""
         self._stopped = True
+        if self._started is not None and not self._started.done():  # a start() still waiting raises
+            self._started.set_result(BackendUnavailable("the subscriber stopped"))
         await self._end_tasks()
         for waiters in self._waiters.values():
             for waiter in waiters:
