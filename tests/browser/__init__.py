@@ -1,0 +1,1 @@
+"""Browser-test helpers and assets (see harness.py)."""
