@@ -10,12 +10,14 @@ overflows. The seed's own plain WebSocket chat code runs unchanged next to it.
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from tests.browser.harness import (
@@ -33,12 +35,15 @@ from tests.support.proxy import CuttingProxy
 
 #: Starts a client inside the page and records what it delivers: `window.seen`
 #: gets [seq, n] of every session message in delivery order, `window.gaps` every
-#: gap, `window.opens` counts greetings, `window.recovered` the recovery reports.
+#: gap, `window.opens` counts greetings, `window.recovered` the recovery reports,
+#: `window.refreshed` the exp of each refreshed token (`nextToken`: what getToken gives).
 START_CLIENT = """
-async ({ module, url, options }) => {
+async ({ module, url, options, nextToken }) => {
   const { connect } = await import(module);
-  Object.assign(window, { seen: [], gaps: [], opens: 0, recovered: [], closes: [] });
+  Object.assign(window, { seen: [], gaps: [], opens: 0, recovered: [], closes: [], refreshed: [] });
+  if (nextToken) options.getToken = async () => nextToken;
   const client = connect(url, options);
+  client.on("refreshed", (m) => window.refreshed.push(m.exp));
   window.client = client;
   client.on("open", () => { window.opens += 1; });
   client.on("recovered", (r) => window.recovered.push(r));
@@ -77,8 +82,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     process.stop()
 
 
-def start_client(page: Any, daemon: Daemon, url: str, **options: Any) -> None:
-    page.evaluate(START_CLIENT, {"module": daemon.url("/client/actor-broker.js"), "url": url, "options": options})
+def start_client(page: Any, daemon: Daemon, url: str, next_token: str | None = None, **options: Any) -> None:
+    module = daemon.url("/client/actor-broker.js")
+    page.evaluate(START_CLIENT, {"module": module, "url": url, "options": options, "nextToken": next_token})
 
 
 def test_every_message_arrives_once_and_in_order_across_cut_connections(
@@ -198,8 +204,11 @@ def test_the_seeds_plain_websocket_chat_client_works_unchanged(browser: Any, ori
     check_page(page)
 
 
-def test_a_refused_token_is_reported_and_not_retried(browser: Any, origin: AppOrigin, tmp_path: Path) -> None:
-    daemon = Daemon(tmp_path, jwt_secret="s" * 32)
+def test_tokens_a_missing_one_is_reported_and_not_retried_a_fresh_one_is_sent_before_exp(
+    browser: Any, origin: AppOrigin, tmp_path: Path
+) -> None:
+    secret = "s" * 32
+    daemon = Daemon(tmp_path, jwt_secret=secret)
     try:
         page = app_page(browser, origin)
         closed = page.evaluate(
@@ -218,6 +227,23 @@ def test_a_refused_token_is_reported_and_not_retried(browser: Any, origin: AppOr
         assert "token is required" in closed["error"]["message"]
         assert closed["state"] == "failed"
         assert "reconnecting" not in closed["states"]
+
+        # With getToken, the client replaces its token before exp (refresh) and
+        # the connection outlives the first token (which would close it 4001).
+        now = int(time.time())
+        tokens = [
+            jwt.encode({"sub": "viewer", "sessions": ["locked"], "exp": now + exp}, secret, algorithm="HS256")
+            for exp in (3, 3600)
+        ]
+        start_client(
+            page, daemon, daemon.url("/"), session="locked", token=tokens[0], next_token=tokens[1], refreshMarginMs=2000
+        )
+        page.wait_for_function("() => window.refreshed.length === 1")
+        assert page.evaluate("window.refreshed") == [now + 3600]
+        page.wait_for_function(f"() => Date.now() > {(now + 4) * 1000}")  # past the first token's exp
+        daemon.publish("locked", [{"type": "tick", "n": 1}])
+        page.wait_for_function("() => window.seen.length === 1")
+        assert page.evaluate("[window.opens, window.closes.length, window.client.state]") == [1, 0, "connected"]
         check_page(page)
     finally:
         daemon.stop()

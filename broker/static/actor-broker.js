@@ -32,7 +32,7 @@
  *                    absent, `refreshMarginMs` before the token's `exp` (then sent as
  *                    `refresh`, 3.6), and once after a 4001 close
  *     tokenIn        "subprotocol" (default: ["bearer", token], kept out of URLs and
- *                    access logs) or "query" (?token=); Server-Sent Events always use ?token=)
+ *                    access logs) or "query" (?token=); Server-Sent Events always use ?token=
  *     transport      "websocket" (default), "sse" (EventSource on /sse..., docs/protocol.md
  *                    section 8 of the wire contract) or "auto" (WebSocket; Server-Sent
  *                    Events after `fallbackAfter` failed WebSocket attempts that never
