@@ -17,7 +17,7 @@ from handlers.publish import PublishHandler, SmallPublishHandler
 from handlers.research import BroadcastHandler, ResearchStartHandler
 from handlers.sessions import SessionHandler
 from handlers.sse import EventStreamHandler, ResearchEventStreamHandler
-from handlers.static import STATIC_ROUTES, StaticHandler
+from handlers.static import StaticHandler, static_routes
 from handlers.stats import StatsHandler
 from handlers.ws import BrokerWebSocket, ResearchWebSocket
 
@@ -60,7 +60,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
             (r"/api/broadcast", BroadcastHandler, deps),
             (r"/api/sessions/([^/]+)", SessionHandler, deps),
             # The live page and the browser client (handlers/static.py).
-            *((route, StaticHandler, {**deps, "name": name}) for route, name in STATIC_ROUTES),
+            *((route, StaticHandler, {**deps, "file": file}) for route, file in static_routes()),
         ],
         broker=broker,
         default_handler_class=NotFoundHandler,

@@ -1,7 +1,8 @@
 """The browser side: the live page (`/`, `/ui`) and the JS client (`/client/actor-broker.js`).
 
 The files are package data under `broker/static/` and small, so each is read
-once, kept in memory with its ETag, and answered from there: `Cache-Control:
+once, when the application is made, and kept with its ETag by the route
+table (the handler module holds no state); answers come from there: `Cache-Control:
 no-cache` (a browser revalidates every use, so an upgraded daemon's client
 reaches pages at once) and `304 Not Modified` when `If-None-Match` names the
 current ETag. The JS client may be imported by pages on other origins that
@@ -13,7 +14,6 @@ its own origin.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
@@ -24,11 +24,14 @@ from broker.core import Broker
 from handlers.base import RequestIdMixin
 from handlers.origins import origin_allowed
 
-_CONTENT_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-}
+#: (route, file under broker/static/) pairs.
+STATIC_ROUTES = (
+    (r"/", "ui/index.html"),
+    (r"/ui/?", "ui/index.html"),
+    (r"/ui/app\.js", "ui/app.js"),
+    (r"/ui/app\.css", "ui/app.css"),
+    (r"/client/actor-broker\.js", "actor-broker.js"),
+)
 
 #: For the HTML page only: no inline script or style, nothing from elsewhere.
 PAGE_POLICY = (
@@ -49,13 +52,27 @@ class StaticFile:
     etag: str
 
 
-@functools.cache
-def static_file(name: str) -> StaticFile:
-    """`broker/static/<name>`, read once. Raises FileNotFoundError for a file not shipped."""
+def content_type(name: str) -> str:
+    """The Content-Type of a shipped file, by its suffix."""
+    if name.endswith(".js"):
+        return "text/javascript; charset=utf-8"
+    if name.endswith(".html"):
+        return "text/html; charset=utf-8"
+    if name.endswith(".css"):
+        return "text/css; charset=utf-8"
+    return "application/octet-stream"
+
+
+def load_static(name: str) -> StaticFile:
+    """`broker/static/<name>`, read now. Raises FileNotFoundError for a file not shipped."""
     body = (resources.files("broker") / "static" / name).read_bytes()
-    suffix = name[name.rfind(".") :]
     etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-    return StaticFile(body, _CONTENT_TYPES.get(suffix, "application/octet-stream"), etag)
+    return StaticFile(body, content_type(name), etag)
+
+
+def static_routes() -> list[tuple[str, StaticFile]]:
+    """(route, file) for the route table (broker/app.py): each file read once, when the app is made."""
+    return [(route, load_static(name)) for route, name in STATIC_ROUTES]
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:
@@ -69,10 +86,10 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
 class StaticHandler(RequestIdMixin, tornado.web.RequestHandler):
     """GET / HEAD of one file of `broker/static/`, named by the route."""
 
-    def initialize(self, broker: Broker, name: str) -> None:
+    def initialize(self, broker: Broker, file: StaticFile) -> None:
         self.broker = broker
-        self.file = static_file(name)
-        self.is_page = name.endswith(".html")
+        self.file = file
+        self.is_page = file.content_type.startswith("text/html")
 
     def set_default_headers(self) -> None:
         self.set_header("X-Request-ID", self._bind_request_id(bind_logs=False))
@@ -109,13 +126,3 @@ class StaticHandler(RequestIdMixin, tornado.web.RequestHandler):
     def compute_etag(self) -> str | None:
         """Ours is set explicitly; tornado's own (a hash per answer) is off."""
         return None
-
-
-#: (route, file) pairs, for the route table (broker/app.py).
-STATIC_ROUTES = (
-    (r"/", "ui/index.html"),
-    (r"/ui/?", "ui/index.html"),
-    (r"/ui/app\.js", "ui/app.js"),
-    (r"/ui/app\.css", "ui/app.css"),
-    (r"/client/actor-broker\.js", "actor-broker.js"),
-)
