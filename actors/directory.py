@@ -15,6 +15,7 @@ from pykka import ActorRef
 from actors.stats import BrokerStats
 
 if TYPE_CHECKING:
+    from actors.backend import MirrorBackend
     from actors.queries import QueryBackend
     from actors.settings import ActorSettings
 
@@ -29,6 +30,8 @@ class SessionDirectory:
         self._sessions: dict[str, ActorRef[Any]] = {}
         #: answers agent queries (broker.queries); set by the Broker
         self.query_backend: QueryBackend | None = None
+        #: in a cluster, the shared store the sessions mirror (actors/mirror.py); None: sessions live here
+        self.mirror_backend: MirrorBackend | None = None
 
     def current_settings(self) -> ActorSettings:
         """The one way settings reach actors (actors.settings.SettingsGetter)."""
@@ -40,9 +43,14 @@ class SessionDirectory:
     def get_or_create(self, session_id: str) -> ActorRef[Any]:
         ref = self._sessions.get(session_id)
         if ref is None:
-            from actors.session import SessionActor
+            if self.mirror_backend is not None:
+                from actors.mirror import MirrorSessionActor
 
-            ref = SessionActor.start(session_id, self)
+                ref = MirrorSessionActor.start(session_id, self, self.mirror_backend)
+            else:
+                from actors.session import SessionActor
+
+                ref = SessionActor.start(session_id, self)
             self._sessions[session_id] = ref
         return ref
 

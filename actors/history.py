@@ -34,6 +34,10 @@ class History(Protocol):
         """Held frames with seq > `seq`, oldest first."""
         ...
 
+    def restart(self, last_seq: int) -> None:
+        """Forget every frame and continue after `last_seq` (a mirror loading a shared history)."""
+        ...
+
     def resize(self, buffer_size: int) -> int:
         """Change the capacity; return how many were evicted."""
         ...
@@ -76,6 +80,11 @@ class MemoryHistory:
             self._frames.popleft()
             evicted += 1
         return evicted
+
+    def restart(self, last_seq: int) -> None:
+        """Forget every frame and continue after `last_seq` (a mirror loading a shared history)."""
+        self._frames.clear()
+        self._last_seq = last_seq
 
     def since(self, seq: int) -> list[Frame]:
         start = max(0, seq - self.first_seq + 1)

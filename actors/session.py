@@ -211,11 +211,17 @@ class SessionActor(LoopActor):
         etype = event["type"]
         frame = Frame(encode(message), etype, seq, event.get("task_id") if etype == "task_progress" else None)
         frame.born = self.clock.monotonic()
+        self._keep_and_send(frame)
+        self.accepted.assign(event["event_id"], seq)
+        return seq
+
+    def _keep_and_send(self, frame: Frame) -> None:
+        """A message with its seq: into history, and to every connection whose filter admits it."""
         before = len(self.history)
         evicted = self.history.append(frame)
         if evicted or len(self.history) != before:
             self.stats.buffered_changed(before, len(self.history))
-        self.accepted.assign(event["event_id"], seq)
+        etype = frame.type
         departed = None
         for member in self.members.values():
             if member.filter.admits(etype):
@@ -229,7 +235,6 @@ class SessionActor(LoopActor):
         if departed:
             for connection_id in departed:
                 self.detach(connection_id)
-        return seq
 
     # -- queries ---------------------------------------------------------------
 

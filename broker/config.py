@@ -1,6 +1,6 @@
 """Settings: one frozen object, defaults that run with no configuration at all.
 
-Every key of PROTOCOL.md section 6 is here with its default, so code reads
+Every key of docs/protocol.md section 5 is here with its default, so code reads
 `settings.buffer_size` and never a dict; tests build variants with `replace()`.
 
 `load_settings` layers a TOML file, the environment and command-line flags, in
@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actors.filters import DEFAULT_PRESETS
-from broker.validation import TYPE_RE
+from actors.wire import TYPE_RE
 
 __all__ = [
     "CONFIG_ENV",
@@ -78,6 +78,10 @@ class Settings:
     research_upstream_url: str = ""
     backend: str = "memory"
     redis_url: str = ""
+    #: names this daemon in a cluster's stats, logs and metrics ("": host name and process id)
+    node_id: str = ""
+    #: seconds between a node's checks of Redis (heartbeat, canary, stats sync)
+    backend_check_interval: float = 5.0
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_timeout: float = 30.0
@@ -105,7 +109,7 @@ CONFIG_ENV = "BROKER_CONFIG"
 #: unknown keys: the config path, and the publisher key the `publish` command sends.
 _NOT_SETTINGS = frozenset({CONFIG_ENV, "BROKER_API_KEY"})
 
-#: Older deployment names, honoured below the `BROKER_` ones (PROTOCOL.md section 6).
+#: Older deployment names, honoured below the `BROKER_` ones (docs/protocol.md section 5).
 ENV_ALIASES: Mapping[str, str] = MappingProxyType({
     "WEBSOCKET_HOST": "host",
     "WEBSOCKET_PORT": "port",
@@ -114,7 +118,7 @@ ENV_ALIASES: Mapping[str, str] = MappingProxyType({
 
 #: Keys a SIGHUP reload cannot apply: they are bound when the process starts
 #: (the listening socket, the message backend and its connection).
-RESTART_REQUIRED = frozenset({"host", "port", "backend", "redis_url"})
+RESTART_REQUIRED = frozenset({"host", "port", "backend", "redis_url", "node_id"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -211,6 +215,8 @@ _SPECS: Mapping[str, _Spec] = MappingProxyType({
     "research_upstream_url": _HTTP_URL,
     "backend": _Spec("str", choices=("memory", "redis")),
     "redis_url": _Spec("str", schemes=("redis", "rediss", "unix"), secret=True),  # may hold a password
+    "node_id": _Spec("str"),
+    "backend_check_interval": _FLOAT_POSITIVE,
     "log_level": _Spec("str", choices=LOG_LEVELS),
     "log_format": _Spec("str", choices=("json", "console", "auto")),
     "shutdown_timeout": _FLOAT_POSITIVE,
@@ -429,13 +435,9 @@ def _build(values: Mapping[str, Any]) -> Settings:
             "configuration: query_upstream_url: expected an http:// or https:// URL, "
             'required when query_backend is "http"'
         )
-    if settings.backend == "redis":
-        # Accepting it would start a single-node broker that only looks shared:
-        # events published to one daemon would never reach another's clients.
-        # (Once it exists, it will also need redis_url.)
+    if settings.backend == "redis" and not settings.redis_url:
         raise ConfigError(
-            'configuration: backend: "redis" is not available in this version '
-            '(sessions and history live in memory, in one process); use "memory"'
+            'configuration: redis_url: expected a redis://, rediss:// or unix:// URL, required when backend is "redis"'
         )
     return settings
 

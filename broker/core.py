@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pykka
 import structlog
 
@@ -27,6 +28,7 @@ from actors.messages import (
     CloseSession,
     DescribeConnection,
     DescribeSession,
+    Frame,
     Publish,
 )
 from actors.runtime import current_dispatcher
@@ -45,8 +47,8 @@ if TYPE_CHECKING:
     from pykka import ActorRef
 
     from actors.filters import EventFilter
-    from actors.messages import Frame
     from actors.transport import Transport
+    from broker.cluster.node import ClusterNode
     from broker.descriptors import DescriptorBudget
     from broker.gc_tuning import GcPauses
 
@@ -72,8 +74,16 @@ class Broker:
         #: garbage-collection pause histograms (broker.gc_tuning.GcPauses), when the daemon measures them
         self.gc_pauses: GcPauses | None = None
         self.started_at = time.monotonic()
-        self.ready = False
+        self._ready = False
         self.draining = False
+        #: this node's place in a cluster (backend = "redis"); None: every session lives in this process
+        self.cluster: ClusterNode | None = None
+        if settings.backend == "redis":
+            from broker.cluster.node import ClusterNode, MirrorBackendAdapter
+
+            self.cluster = ClusterNode.from_settings(lambda: self.settings, self.directory, self.stats)
+            self.directory.mirror_backend = MirrorBackendAdapter(self.cluster)
+            self.cluster.deliver_broadcast = self._deliver_broadcast
         #: every open client connection (WebSocket or SSE), from its handshake to its socket's close
         self.connections: dict[str, OpenConnection] = {}
         #: open connections per session and per user, kept with `connections` (limits are checked at handshakes)
@@ -97,14 +107,36 @@ class Broker:
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(FOLLOW_SETTINGS)
 
+    @property
+    def ready(self) -> bool:
+        """Ready to serve (/readyz): started, not draining, and, in a cluster, Redis answering and heard."""
+        return self._ready and (self.cluster is None or self.cluster.ready)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+
+    async def start(self) -> None:
+        """Start what runs beside the actors: the cluster node (it starts even while Redis is down)."""
+        if self.cluster is not None:
+            await self.cluster.start()
+
+    async def close(self) -> None:
+        """Stop it again (after the actors stopped)."""
+        if self.cluster is not None:
+            await self.cluster.stop()
+
     # -- publishing -------------------------------------------------------
 
     async def publish(self, events: list[dict[str, Any]]) -> list[int | None]:
         """Publish validated events (broker.validation.normalize_events); one seq per event.
 
         Events of one session keep their order; sessions are published to in
-        parallel.
+        parallel. In a cluster, `BackendUnavailable` when Redis cannot be reached
+        (the handlers answer 503).
         """
+        if self.cluster is not None:
+            return await self.cluster.publish(events)
         by_session: dict[str, list[int]] = {}
         for index, event in enumerate(events):
             by_session.setdefault(event["session_id"], []).append(index)
@@ -135,6 +167,9 @@ class Broker:
         normalized = normalize_events(list(events), session_id=None, now=time.time())
 
         def publish() -> None:
+            if self.cluster is not None:
+                self._spawn(self.cluster.publish(normalized))
+                return
             by_session: dict[str, list[dict[str, Any]]] = {}
             for event in normalized:
                 by_session.setdefault(event["session_id"], []).append(event)
@@ -150,12 +185,11 @@ class Broker:
 
     async def start_research(self, session_id: str, query: str, user_id: str | None) -> None:
         """Create the session, emit session_started, and get the research going."""
-        session = self.directory.get_or_create(session_id)
         started = {"type": "session_started", "session_id": session_id, "query": query, "user_id": user_id}
         await self.publish(normalize_events([started], session_id=session_id, now=time.time()))
         url = self.settings.research_upstream_url
         if not url:
-            SimulatedResearch.start(session, session_id, query)
+            SimulatedResearch.start(self._publisher_for(session_id), session_id, query)
             return
         # The client hears 201 at once and connects; how the research service
         # took the start reaches it as an event (a slow service must not hold
@@ -170,9 +204,53 @@ class Broker:
             failed = {"type": "error", "session_id": session_id, "error": problem, "code": "research_upstream"}
             await self.publish(normalize_events([failed], session_id=session_id, now=time.time()))
 
-    async def broadcast(self, message: dict[str, Any], exclude: frozenset[str] = frozenset()) -> int:
-        """A connection-level message to every connected client outside `exclude`; no history."""
+    def _publisher_for(self, session_id: str) -> Callable[[list[dict[str, Any]]], bool]:
+        """Publish validated events into one session, in call order, from an actor (the simulated run).
+
+        Returns False once the session is gone (deleted): the caller stops.
+        """
+        if self.cluster is not None:
+            cluster = self.cluster
+
+            def publish_shared(events: list[dict[str, Any]]) -> bool:
+                for event in events:
+                    cluster.publish_own(session_id, event)
+                return True
+
+            return publish_shared
+        session = self.directory.get_or_create(session_id)
+
+        def publish_here(events: list[dict[str, Any]]) -> bool:
+            if not session.is_alive():
+                return False
+            session.tell(Publish(events))
+            return True
+
+        return publish_here
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def broadcast(self, message: dict[str, Any], exclude: frozenset[str] = frozenset()) -> dict[str, int]:
+        """A connection-level message to every connected client outside `exclude`, on every node; no history.
+
+        The answer counts this node's connections (`delivered`) and, in a
+        cluster, the nodes it reached (`nodes`, this one included).
+        """
         frame = control_frame({**message, "timestamp": iso_timestamp(time.time())})
+        delivered = await self._broadcast_here(frame, exclude)
+        if self.cluster is None:
+            return {"delivered": delivered}
+        await self.cluster.broadcast(frame.data, sorted(exclude))
+        return {"delivered": delivered, "nodes": len(self.cluster.nodes)}
+
+    def _deliver_broadcast(self, data: bytes, exclude: frozenset[str]) -> None:
+        """Another node's broadcast, for this node's connections."""
+        self._spawn(self._broadcast_here(Frame(data, orjson.loads(data)["type"]), exclude))
+
+    async def _broadcast_here(self, frame: Frame, exclude: frozenset[str]) -> int:
         replies = [
             ref.ask(BroadcastFrame(frame), block=False)
             for session_id, ref in self.directory.items()
@@ -193,6 +271,8 @@ class Broker:
         settings = self.settings
         if self.draining:
             return "server is shutting down"
+        if self.cluster is not None and not self.cluster.ready:
+            return "backend unavailable"
         limit: str | None = None
         why = ""
         if self.open_connections >= settings.max_connections:
@@ -323,6 +403,12 @@ class Broker:
     # -- sessions ---------------------------------------------------------
 
     async def describe_session(self, session_id: str) -> dict[str, Any] | None:
+        if self.cluster is not None:
+            local = await self._describe_here(session_id)
+            return await self.cluster.describe_session(session_id, local)
+        return await self._describe_here(session_id)
+
+    async def _describe_here(self, session_id: str) -> dict[str, Any] | None:
         ref = self.directory.get(session_id)
         if ref is None:
             return None
@@ -341,6 +427,8 @@ class Broker:
         return info
 
     async def delete_session(self, session_id: str) -> bool:
+        if self.cluster is not None:  # every node's clients hear it from Redis, this one's too
+            return await self.cluster.store.delete(session_id)
         ref = self.directory.get(session_id)
         if ref is None:
             return False
@@ -350,7 +438,14 @@ class Broker:
             return False
 
     def session_exists(self, session_id: str) -> bool:
+        """Whether this process holds the session (in a cluster: a connection here follows it)."""
         return session_id in self.directory
+
+    async def claim_session(self, session_id: str) -> bool:
+        """Research start with a chosen id: False if the session exists already (409), anywhere."""
+        if self.cluster is not None:
+            return await self.cluster.store.create(session_id, int(self.settings.session_ttl * 1000))
+        return not self.session_exists(session_id)
 
     # -- stats ------------------------------------------------------------
 
@@ -368,7 +463,7 @@ class Broker:
             "slow_consumer_disconnects": s.slow_consumer_disconnects,
             "connected_sessions": sorted(s.connected_sessions),
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
-        }
+        } | ({} if self.cluster is None else {"node_id": self.cluster.node_id, "nodes": len(self.cluster.nodes)})
 
 
 async def _describe_connection(ref: ActorRef[Any]) -> dict[str, Any]:

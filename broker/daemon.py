@@ -126,6 +126,7 @@ class Daemon:
             # The sockets listen from here on: a client's connect() succeeds
             # (the kernel queues it until the loop accepts), so this is ready.
             broker.ready = True
+            await broker.start()  # the cluster node, if any: it starts even while Redis is down
             broker.gc_pauses = GcPauses(freeze_survivors=True).install()
             frozen = freeze_startup()
             log.info(
@@ -214,6 +215,7 @@ class Daemon:
         else:
             log.info("clients_closed", seconds=round(timeout - (deadline - loop.time()), 3))
         await broker.stop_actors(max(0.0, deadline - loop.time()))
+        await broker.close()
         server.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), max(0.0, deadline - loop.time()))

@@ -78,6 +78,7 @@ async def embedded_broker(
         server = HTTPServer(make_app(broker), max_body_size=SERVER_MAX_BODY)
         server.add_socket(listening)
         broker.ready = True
+        await broker.start()
         yield RunningBroker(broker, host, listening.getsockname()[1])
     finally:
         if server is not None:
@@ -85,6 +86,7 @@ async def embedded_broker(
         if broker is not None:
             broker.close_all(CloseCode.GOING_AWAY, "server shutdown")
             await broker.stop_actors(STOP_TIMEOUT)
+            await broker.close()
         if server is not None:
             await server.close_all_connections()
         install_dispatcher(previous)

@@ -16,12 +16,11 @@ import orjson
 import structlog
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from actors.messages import Publish
 from actors.runtime import LoopActor
 from broker.validation import normalize_events
 
 if TYPE_CHECKING:
-    from pykka import ActorRef
+    from collections.abc import Callable
 
 log = structlog.get_logger("actor_broker.research")
 
@@ -78,9 +77,10 @@ _STEP = _Step()
 class SimulatedResearch(LoopActor):
     """Publishes a simulated run into one session, then stops."""
 
-    def __init__(self, session: ActorRef[Any], session_id: str, query: str) -> None:
+    def __init__(self, publish: Callable[[list[dict[str, Any]]], bool], session_id: str, query: str) -> None:
         super().__init__()
-        self.session = session
+        #: publishes into the session in call order; False once the session is gone
+        self.publish = publish
         self.session_id = session_id
         self.steps = simulated_run(query)
         self.next = 0
@@ -93,10 +93,9 @@ class SimulatedResearch(LoopActor):
             return
         _, event = self.steps[self.next]
         events = normalize_events([event], session_id=self.session_id, now=self.clock.time())
-        if not self.session.is_alive():
+        if not self.publish(events):
             self.stop()  # the session was deleted: the run ends with it
             return
-        self.session.tell(Publish(events))
         self.next += 1
         if self.next < len(self.steps):
             self.tell_later(self.steps[self.next][0], _STEP)

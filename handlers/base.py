@@ -14,6 +14,7 @@ import structlog
 import tornado.web
 
 from actors.ids import new_request_id
+from broker.cluster.store import BackendUnavailable
 from broker.core import Broker
 from handlers.origins import origin_allowed
 
@@ -109,6 +110,10 @@ class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
         """
         reason = self._reason
         exc_info = kwargs.get("exc_info")
+        if exc_info is not None and isinstance(exc_info[1], BackendUnavailable):
+            self.set_status(503)  # docs/protocol.md section 7: the publisher retries with the same ids
+            self.finish(orjson.dumps({"error": "backend unavailable"}))
+            return
         if status_code >= 500 and exc_info is not None and not isinstance(exc_info[1], tornado.web.HTTPError):
             reason = "internal server error"
         self.finish(orjson.dumps({"error": reason, "request_id": self.request_id}))
@@ -127,6 +132,9 @@ class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
         """
         if isinstance(value, tornado.web.HTTPError):
             super().log_exception(typ, value, tb)
+            return
+        if isinstance(value, BackendUnavailable):  # an answer (503), not a bug: one line, no traceback
+            log.warning("backend_unavailable", method=self.request.method, path=self.request.path, error=str(value))
             return
         log.error(
             "request_failed",

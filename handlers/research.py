@@ -58,7 +58,7 @@ class ResearchStartHandler(JsonObjectHandler):
             return
         if session_id is None:
             session_id = "r-" + uuid.uuid4().hex[:16]
-        elif self.broker.session_exists(session_id):
+        elif not await self.broker.claim_session(session_id):
             self.fail(409, f"session {session_id!r} already exists")
             return
         refusal = self.broker.admit_sessions([session_id])
@@ -102,5 +102,4 @@ class BroadcastHandler(JsonObjectHandler):
             return
         message = {k: v for k, v in body.items() if k != "exclude"}
         message["type"] = mtype
-        delivered = await self.broker.broadcast(message, frozenset(exclude))
-        self.send_json(202, {"delivered": delivered})
+        self.send_json(202, await self.broker.broadcast(message, frozenset(exclude)))

@@ -93,9 +93,13 @@ def test_serve_with_a_bad_file_exits_2_at_once(tmp_path):
     assert_one_error_line(run("serve", "--config", str(path), timeout=30), "shutdown_timeout")
 
 
-def test_serve_refuses_the_redis_backend_it_does_not_have():
-    env = clean_env(BROKER_BACKEND="redis", BROKER_REDIS_URL="redis://127.0.0.1:6379/0")
-    assert_one_error_line(run("serve", "--port", "0", env=env, timeout=30), "backend", "not available")
+def test_serve_on_redis_without_a_url_exits_2():
+    assert_one_error_line(run("serve", "--port", "0", env=clean_env(BROKER_BACKEND="redis"), timeout=30), "redis_url")
+
+
+def test_serve_with_a_redis_url_of_another_scheme_exits_2():
+    env = clean_env(BROKER_BACKEND="redis", BROKER_REDIS_URL="http://127.0.0.1:6379/0")
+    assert_one_error_line(run("serve", "--port", "0", env=env, timeout=30), "BROKER_REDIS_URL", "redis://")
 
 
 def test_serve_with_a_bad_broker_config_exits_2(tmp_path):

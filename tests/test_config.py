@@ -394,12 +394,17 @@ def test_http_query_backend_needs_an_upstream(write):
     assert settings.query_upstream_url == "http://agent:9000/q"
 
 
-@pytest.mark.parametrize("env", [{}, {"BROKER_REDIS_URL": "redis://cache:6379/0"}], ids=["no-url", "url"])
-def test_redis_backend_is_refused_until_it_exists(write, env):
-    """A daemon that silently kept history in memory would look shared and not be."""
-    error = load_error(write('backend = "redis"\n'), env=env)
-    assert error.startswith("configuration: backend:") and "not available" in error
-    assert load_settings(write('redis_url = "redis://cache:6379/0"\n'), env={}).redis_url == "redis://cache:6379/0"
+def test_redis_backend_needs_a_redis_url(write):
+    error = load_error(write('backend = "redis"\n'), env={})
+    assert error.startswith("configuration: redis_url:") and "required when backend is" in error
+    settings = load_settings(write('backend = "redis"\nredis_url = "redis://cache:6379/0"\n'), env={})
+    assert (settings.backend, settings.redis_url, settings.node_id) == ("redis", "redis://cache:6379/0", "")
+    assert settings.backend_check_interval == 5.0
+
+
+@pytest.mark.parametrize("url", ["http://cache:6379", "cache:6379", "redis://"])
+def test_a_redis_url_of_another_scheme_stops_start_up(write, url):
+    assert "redis_url: expected a redis://" in load_error(write(f'backend = "redis"\nredis_url = "{url}"\n'), env={})
 
 
 def test_secrets_are_not_echoed(write):
@@ -440,7 +445,7 @@ def test_reload_keeps_backend_and_redis_url():
     applied, pending = diff_for_reload(old, new)
     assert applied == old
     assert pending == ["backend", "redis_url"]
-    assert {"host", "port", "backend", "redis_url"} == RESTART_REQUIRED
+    assert {"host", "port", "backend", "redis_url", "node_id"} == RESTART_REQUIRED
 
 
 def test_changed_keys_in_declaration_order():

@@ -298,7 +298,7 @@ def run_length(query: str = QUERY) -> float:
 def begin(world: World, session_id: str = "r", query: str = QUERY) -> None:
     """What `Broker.start_research` does without an upstream: session_started, then the run."""
     world.publish(session_id, {"type": "session_started", "query": query, "user_id": "u1"})
-    SimulatedResearch.start(world.session(session_id), session_id, query)
+    SimulatedResearch.start(world.broker._publisher_for(session_id), session_id, query)
 
 
 def running_simulations(world: World) -> list[Any]:

@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 from redis import exceptions as rx
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -232,15 +232,17 @@ class RedisStore:
         `retries` more tries with exponential backoff. A Redis that hangs (SIGSTOP, a
         network holding packets) is reported after about (retries + 1) x timeout."""
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
-        client = Redis.from_url(
+        # A burst (a reconnect storm of clients) waits for a pooled connection instead of failing at once.
+        pool = BlockingConnectionPool.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=retry,
             max_connections=max_connections,
             health_check_interval=health_check_interval,
+            timeout=max(2.0, 2 * timeout),
         )
-        return cls(client, prefix=prefix)
+        return cls(Redis(connection_pool=pool), prefix=prefix)
 
     # -- names -----------------------------------------------------------------
 

@@ -86,7 +86,8 @@ class CuttingProxy:
             pending = asyncio.all_tasks(loop)  # connections still being served: end them, don't abandon them
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     # -- faults ----------------------------------------------------------------

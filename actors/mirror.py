@@ -1,0 +1,299 @@
+"""MirrorSessionActor: a session's actor on one node of a cluster (`backend = "redis"`).
+
+The shared store owns what must be shared (seq, epoch, history, dedup,
+throttle, docs/protocol.md section 7); publishes go to it directly, not
+through this actor. What this actor keeps owning is the order in which this
+node's connections receive the session's messages: it mirrors the tail of
+the shared history in the same `History` ring the memory backend uses, fed
+in seq order from the node's subscription, so replay, filters, gaps and
+fan-out are the memory backend's code unchanged.
+
+Ordering rules:
+
+* On start it asks the store to subscribe first, then read the history
+  (`MirrorBackend.open`); messages that arrive by pub/sub before the read
+  answers wait in `early` and are merged by seq, neither lost nor doubled.
+* Connections that attach before the first load wait in `pending`.
+* A message whose seq is not the next one is a hole: it waits in `early`
+  while the missing range is read back from the store (`fill`); so does
+  everything after a `Resync` (the node's subscription was restored). What
+  the store evicted meanwhile reaches each connection as a `gap`.
+
+The actor lives while this node has connections to the session: the
+session's expiry is the store's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pykka import ActorDeadError
+
+from actors.messages import (
+    Attach,
+    CloseConnection,
+    Committed,
+    Frame,
+    Loaded,
+    LoadFailed,
+    MissedLoaded,
+    QueryEvent,
+    QueryLocked,
+    Replay,
+    Resync,
+    SessionDeleted,
+    StartQuery,
+)
+from actors.query_run import BUSY, QueryRunner
+from actors.replay import BeyondNewestError, gap_frame, greeting_frame, replay_frames
+from actors.session import _HANDLERS, SessionActor, _Member
+from actors.wire import CloseCode, error_frame
+
+if TYPE_CHECKING:
+    from actors.backend import MirrorBackend
+    from actors.directory import SessionDirectory
+
+#: How long a mirror that could not load waits before asking again.
+RETRY_LOAD = 1.0
+
+
+class MirrorSessionActor(SessionActor):
+    def __init__(self, session_id: str, directory: SessionDirectory, backend: MirrorBackend) -> None:
+        super().__init__(session_id, directory)
+        self.backend = backend
+        self.epoch = ""  # the store's, from the first load
+        self.loaded = False
+        #: connections that attached before the first load (or while their missed seqs are read)
+        self.pending: dict[str, tuple[Attach, int]] = {}
+        #: messages ahead of the mirror's newest seq, waiting for a hole to be filled
+        self.early: dict[int, Frame] = {}
+        self.filling = False
+        self.queries = QueryRunner(session_id, self.actor_ref, self._publish_own, self.clock)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.log.debug("mirror_started")
+        self.backend.open(self.session_id, self.actor_ref)
+
+    def _forget(self) -> None:
+        super()._forget()
+        self.backend.closed(self.session_id)
+
+    def _arm_expiry(self) -> None:
+        """No local expiry: the store expires the session; this actor ends with its last connection."""
+
+    def on_receive(self, message: Any) -> Any:
+        if self.closing:
+            return self._forward(message)
+        handle = _MIRROR_HANDLERS.get(message.__class__) or _HANDLERS.get(message.__class__)
+        if handle is None:
+            return super().on_receive(message)
+        return handle(self, message)
+
+    # -- the mirror ----------------------------------------------------------
+
+    def loaded_slice(self, message: Loaded) -> None:
+        part = message.slice
+        if not self.loaded:
+            self.epoch = part.epoch
+            self.history.restart(part.first_seq - 1)
+            for frame in part.frames:
+                frame.delivered = True  # replay=missed asks the store, never these flags
+                self.history.append(frame)
+            if not part.frames:
+                self.history.restart(part.last_seq)
+            self.stats.buffered_changed(0, len(self.history))
+            self.loaded = True
+            self._apply_early()
+            for request, _ in list(self.pending.values()):
+                self.pending.pop(request.connection_id, None)
+                self.attach(request)
+            return
+        self.filling = False
+        if part.epoch != self.epoch:
+            self.log.info("mirror_epoch_changed", old=self.epoch, new=part.epoch)
+            self.close()  # the session was deleted and made afresh: its clients start over
+            return
+        head = self.history.last_seq
+        if part.first_seq > head + 1:  # evicted while this node was not hearing: each client is told
+            gap = gap_frame(head + 1, part.first_seq - 1, self.epoch)
+            for member in list(self.members.values()):
+                self._tell(member, gap)
+            self.history.restart(part.first_seq - 1)
+        for frame in part.frames:
+            self.early.setdefault(frame.seq or 0, frame)
+        self._apply_early()
+
+    def load_failed(self, message: LoadFailed) -> None:
+        self.log.warning("mirror_load_failed", error=message.error)
+        self.filling = False
+        if not self.loaded:
+            self.tell_later(RETRY_LOAD, _RELOAD)
+
+    def reload(self) -> None:
+        if not self.loaded:
+            self.backend.open(self.session_id, self.actor_ref)
+        else:
+            self.resync()
+
+    def committed(self, message: Committed) -> None:
+        if self.loaded and message.epoch != self.epoch:
+            self.log.info("mirror_epoch_changed", old=self.epoch, new=message.epoch)
+            self.close()
+            return
+        for frame in message.frames:
+            if frame.seq is not None and frame.seq > self.history.last_seq:
+                self.early.setdefault(frame.seq, frame)
+        if self.loaded:
+            self._apply_early()
+
+    def resync(self) -> None:
+        """After an outage of the subscription: read whatever came after the mirror's newest seq."""
+        if self.loaded and not self.filling:
+            self.filling = True
+            self.backend.fill(self.session_id, self.history.last_seq, self.actor_ref)
+
+    def _apply_early(self) -> None:
+        """Send, in seq order, what follows the mirror's newest seq; ask for a hole to be filled."""
+        early = self.early
+        while early:
+            head = self.history.last_seq
+            frame = early.pop(head + 1, None)
+            if frame is None:
+                for seq in [s for s in early if s <= head]:
+                    del early[seq]  # duplicates of what was sent already
+                if early and not self.filling:
+                    self.filling = True
+                    self.backend.fill(self.session_id, head, self.actor_ref)
+                return
+            frame.born = frame.born or self.clock.monotonic()
+            self._keep_and_send(frame)
+            self.last_event_at = self.clock.time()
+
+    # -- connections -----------------------------------------------------------
+
+    def attach(self, request: Attach) -> None:
+        if not self.loaded:
+            self.pending[request.connection_id] = (request, 0)
+            return
+        if request.last_seq is None and request.replay == "missed":
+            # Counted in the cluster at once, so what is committed from now on counts as sent to it;
+            # it gets those live, after what no connection was sent before.
+            self.pending[request.connection_id] = (request, self.history.last_seq)
+            self.backend.joined(self.session_id, request.connection_id, request.user_id, request.filter.echo())
+            self.backend.take_missed(self.session_id, request.connection_id, request.filter.echo(), self.actor_ref)
+            return
+        try:
+            replayed = replay_frames(
+                self.history,
+                self.epoch,
+                request.filter,
+                replay=request.replay,
+                last_seq=request.last_seq,
+                client_epoch=request.epoch,
+            )
+        except BeyondNewestError as exc:
+            self._reply(request.connection, _refusal(str(exc)))
+            if not self.members and not self.pending:
+                self._end()
+            return
+        if self._admit(request, replayed):
+            self.backend.joined(self.session_id, request.connection_id, request.user_id, request.filter.echo())
+
+    def missed_loaded(self, message: MissedLoaded) -> None:
+        request, head = self.pending.pop(message.connection_id, (None, 0))
+        if request is None:
+            return
+        admits = request.filter.admits
+        missed = [f for f in self.history if (f.seq in message.seqs or (f.seq or 0) > head) and admits(f.type)]
+        self._admit(request, missed)
+
+    def _admit(self, request: Attach, replayed: list[Frame]) -> bool:
+        """Greet, replay, and make the connection a member; False if it left meanwhile."""
+        keepalive, at = self.settings.keepalive_interval, self.clock.time()
+        greeting = greeting_frame(request, self.session_id, self.epoch, self.history.last_seq, keepalive, at)
+        try:
+            request.connection.tell(Replay([greeting, *replayed]))
+        except ActorDeadError:
+            self.backend.left(self.session_id, request.connection_id)
+            return False
+        self.members[request.connection_id] = _Member(
+            request.connection, request.connection_id, request.user_id, request.filter
+        )
+        self.stats.connected_sessions.add(self.session_id)
+        return True
+
+    def detach(self, connection_id: str) -> None:
+        known = connection_id in self.members or connection_id in self.pending
+        self.pending.pop(connection_id, None)
+        super().detach(connection_id)
+        if known:
+            self.backend.left(self.session_id, connection_id)
+        if not self.members and not self.pending:
+            self._end()  # the last connection of this node left; the store keeps the session
+
+    def deleted(self, message: SessionDeleted) -> None:
+        if not self.epoch or message.epoch == self.epoch:
+            self.close()
+
+    def close(self) -> bool:
+        """Deleted (here or on another node): members get session_closed; those still waiting are closed too."""
+        for request, _ in self.pending.values():
+            self._reply(request.connection, CloseConnection(CloseCode.NORMAL, "session closed", immediately=True))
+        self.pending.clear()
+        return super().close()
+
+    # -- queries -----------------------------------------------------------------
+
+    def start_query(self, request: StartQuery) -> None:
+        if self.queries.running is not None:
+            super().start_query(request)  # busy, answered here
+            return
+        self.backend.lock_query(self.session_id, request, self.actor_ref)
+
+    def query_locked(self, message: QueryLocked) -> None:
+        if not message.granted or self.queries.running is not None:
+            self._reply(message.request.connection, error_frame("busy", BUSY, self.clock.time()))
+            return
+        super().start_query(message.request)
+
+    def query_event(self, event: QueryEvent) -> None:
+        if self.queries.on_event(event):
+            self.backend.unlock_query(self.session_id)
+
+    def _publish_own(self, event: dict[str, Any]) -> int:
+        """Query messages go to the store like any publish and come back in seq order."""
+        self.backend.publish(self.session_id, event)
+        return 0
+
+    def _end(self) -> None:
+        if self.queries.running is not None:
+            self.backend.unlock_query(self.session_id)
+        super()._end()
+
+
+class _Reload:
+    __slots__ = ()
+
+
+_RELOAD = _Reload()
+
+
+def _refusal(reason: str) -> CloseConnection:
+    return CloseConnection(CloseCode.POLICY_VIOLATION, reason, immediately=True)
+
+
+_MIRROR_HANDLERS: dict[type, Any] = {
+    Loaded: MirrorSessionActor.loaded_slice,
+    LoadFailed: MirrorSessionActor.load_failed,
+    Committed: MirrorSessionActor.committed,
+    Resync: lambda mirror, _: mirror.resync(),
+    SessionDeleted: MirrorSessionActor.deleted,
+    MissedLoaded: MirrorSessionActor.missed_loaded,
+    QueryLocked: MirrorSessionActor.query_locked,
+    Attach: MirrorSessionActor.attach,
+    StartQuery: MirrorSessionActor.start_query,
+    QueryEvent: MirrorSessionActor.query_event,
+    _Reload: lambda mirror, _: mirror.reload(),
+}

@@ -1,0 +1,474 @@
+"""ClusterNode: one daemon's place in a cluster of daemons sharing one Redis (`backend = "redis"`).
+
+It is the one owner of the node's Redis traffic: the command client
+(`RedisStore`) and the subscription (`Subscriber`). It serves two sides:
+
+* the Broker publishes through it (`publish`: one script call per session
+  and batch, 503 when Redis cannot be reached), deletes, locks and asks it
+  for cluster-wide stats;
+* the session mirrors (`actors/mirror.py`) reach the store through it, as
+  their `MirrorBackend`: every call returns at once and the answer is told
+  back to the actor when Redis has answered.
+
+And it keeps the node honest (docs/protocol.md section 7): a heartbeat that
+makes it count in `nodes`, the sessions it holds connections for kept alive,
+their connections' figures written for the cluster's stats, the due sweep
+that fires a held progress event's trailing edge even when the node that
+held it died, and readiness that is true only while Redis answers and the
+subscription is proven alive by its canary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from pykka import ActorDeadError
+
+from actors.messages import (
+    RESYNC,
+    Committed,
+    DescribeConnection,
+    DescribeSession,
+    Frame,
+    HistorySlice,
+    Loaded,
+    LoadFailed,
+    MissedLoaded,
+    QueryLocked,
+    SessionDeleted,
+    encode,
+)
+from actors.wire import iso_timestamp
+from broker.cluster.payload import Deleted, parse_payload
+from broker.cluster.store import BackendUnavailable, EventMeta, Limits, RedisStore, Slice
+from broker.cluster.subscriber import Subscriber
+
+if TYPE_CHECKING:
+    from pykka import ActorRef
+
+    from actors.directory import SessionDirectory
+    from actors.messages import StartQuery
+    from actors.stats import BrokerStats
+    from broker.config import Settings
+
+log = structlog.get_logger("actor_broker.cluster")
+
+#: How often every node sweeps the due set for held progress whose node may be gone.
+SWEEP_INTERVAL = 1.0
+#: A query holds the session's lock at most this long (a node that died mid-query frees it then).
+QUERY_LOCK_MS = 10 * 60 * 1000
+
+
+def default_node_id() -> str:
+    """Host name and process id: unique per running daemon, readable in logs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        buffer_size=settings.buffer_size,
+        dedup_window_ms=int(settings.dedup_window * 1000),
+        min_delta=settings.min_delta,
+        max_interval_ms=settings.max_interval_ms,
+        session_ttl_ms=int(settings.session_ttl * 1000),
+    )
+
+
+class ClusterNode:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        directory: SessionDirectory,
+        stats: BrokerStats,
+        store: RedisStore,
+        subscriber_factory: Callable[..., Subscriber],
+        node_id: str,
+    ) -> None:
+        self._settings = settings
+        self.directory = directory
+        self.stats = stats
+        self.store = store
+        self.node_id = node_id
+        self.log = log.bind(node_id=node_id)
+        self.subscriber = subscriber_factory(
+            on_events=self._on_events, on_broadcast=self._on_broadcast, on_restored=self._on_restored
+        )
+        #: Redis answered the last command (a BackendUnavailable turns it off until the next answer)
+        self.reachable = False
+        self.started = False
+        #: live nodes of the cluster, this one included, as of the last heartbeat
+        self.nodes: list[str] = [node_id]
+        #: delivers another node's broadcast (message JSON, excluded sessions) here; set by the Broker
+        self.deliver_broadcast: Callable[[bytes, frozenset[str]], None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._chains: dict[str, asyncio.Future[Any]] = {}
+        self._timers: list[asyncio.Task[None]] = []
+        self._query_ids: dict[str, str] = {}
+        self._subscribed = False  # the Subscriber started once; it reconnects by itself from then on
+
+    @classmethod
+    def from_settings(
+        cls, settings: Callable[[], Settings], directory: SessionDirectory, stats: BrokerStats
+    ) -> ClusterNode:
+        current = settings()
+        node_id = current.node_id or default_node_id()
+        store = RedisStore.from_url(current.redis_url)
+
+        def subscriber(**callbacks: Any) -> Subscriber:
+            # A canary every half interval: a deaf subscription is caught within backend_check_interval.
+            check = current.backend_check_interval / 2
+            return Subscriber(current.redis_url, node_id, check_interval=check, **callbacks)
+
+        return cls(settings, directory, stats, store, subscriber, node_id)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    @property
+    def ready(self) -> bool:
+        """Serving: Redis answers, and the subscription is alive (its canary came back)."""
+        return self.started and self.reachable and self.subscriber.healthy
+
+    # -- life --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start even when Redis is down: readiness stays false and the connection is retried."""
+        self._timers = [
+            asyncio.ensure_future(self._every(self.settings.backend_check_interval, self._check)),
+            asyncio.ensure_future(self._every(SWEEP_INTERVAL, self._sweep)),
+        ]
+        self.started = True
+        await self._check()
+
+    async def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        for timer in self._timers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+        pending = list(self._tasks)
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        with contextlib.suppress(Exception):
+            await self.subscriber.stop()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
+    async def _every(self, interval: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception:  # a periodic job logs and goes on; the loop must not die
+                self.log.exception("cluster_job_failed", job=job.__name__)
+
+    async def _check(self) -> None:
+        """Every backend_check_interval: reach Redis, count the nodes, keep this node's sessions alive."""
+        try:
+            if not self._subscribed:
+                await self.subscriber.start()
+                self._subscribed = True
+                for warning in await self.store.check_server():
+                    self.log.warning("redis_setting", problem=warning)
+            await self.store.heartbeat(self.node_id)
+            interval_ms = int(self.settings.backend_check_interval * 1000)
+            self.nodes = await self.store.live_nodes(3 * interval_ms)
+            sessions = [sid for sid, _ in self.directory.items()]
+            if sessions:
+                await self.store.touch(sessions, limits_of(self.settings).session_ttl_ms)
+            await self._sync_connections()
+        except BackendUnavailable as exc:
+            self._unreachable(exc)
+            return
+        if not self.reachable:
+            self.log.info("backend_reachable")
+        self.reachable = True
+
+    def _unreachable(self, exc: BaseException) -> None:
+        if self.reachable:
+            self.log.warning("backend_unreachable", error=str(exc))
+        self.reachable = False
+
+    async def _sync_connections(self) -> None:
+        """Write this node's connection figures (acked seq, queued bytes) for the cluster's session stats."""
+        from broker.core import resolve  # the Broker's helper for actor replies
+
+        for sid, ref in self.directory.items():
+            with contextlib.suppress(ActorDeadError):
+                info = await resolve(ref.ask(DescribeSession(), block=False))
+                for connection in (info or {}).get("connections", []):
+                    described = await _describe(connection.pop("ref"))
+                    await self.store.put_connection(
+                        sid,
+                        connection["connection_id"],
+                        {**connection, **described, "node_id": self.node_id, "updated_ms": int(time.time() * 1000)},
+                        limits_of(self.settings).session_ttl_ms,
+                    )
+
+    async def _sweep(self) -> None:
+        """Fire trailing edges that are due, whichever node held them (that node may be gone)."""
+        try:
+            for sid, task_id in await self.store.due():
+                await self.store.flush(sid, task_id, limits_of(self.settings))
+        except BackendUnavailable as exc:
+            self._unreachable(exc)
+
+    # -- publishing (the Broker) ---------------------------------------------
+
+    async def publish(self, events: list[dict[str, Any]]) -> list[int | None]:
+        """Validated events, any sessions: one script call per session; BackendUnavailable if Redis is not reached."""
+        if not self.reachable:
+            raise BackendUnavailable("backend unavailable")
+        by_session: dict[str, list[int]] = {}
+        for index, event in enumerate(events):
+            by_session.setdefault(event["session_id"], []).append(index)
+        limits = limits_of(self.settings)
+        try:
+            results = await asyncio.gather(
+                *(
+                    self.store.publish(
+                        sid,
+                        [encode(events[i]) for i in indexes],
+                        [EventMeta.of(events[i]) for i in indexes],
+                        limits,
+                    )
+                    for sid, indexes in by_session.items()
+                )
+            )
+        except BackendUnavailable as exc:
+            self._unreachable(exc)
+            raise
+        seqs: list[int | None] = [None] * len(events)
+        for (sid, indexes), result in zip(by_session.items(), results, strict=True):
+            for index, seq in zip(indexes, result.seqs, strict=True):
+                seqs[index] = seq
+            for task_id, due_ms in result.held:
+                self._flush_later(sid, task_id, (due_ms - result.now_ms) / 1000)
+            self.stats.total_events_received += result.received
+            self.stats.throttled_events += result.throttled
+        return seqs
+
+    def _flush_later(self, session_id: str, task_id: str, delay: float) -> None:
+        """The trailing edge on the node that held it, on time (Redis's clock decides); the sweep is the safety net."""
+        delay = max(0.0, delay)
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, lambda: self._spawn(self.store.flush(session_id, task_id, limits_of(self.settings))))
+
+    # -- what the mirrors ask (actors.backend.MirrorBackend) -----------------------
+
+    def open(self, session_id: str, reply_to: ActorRef[Any]) -> None:
+        async def load() -> None:
+            await self.subscriber.subscribe(session_id)
+            await self.store.ensure(session_id, limits_of(self.settings).session_ttl_ms)
+            reply_to.tell(Loaded(_as_history(await self.store.read(session_id, 0))))
+
+        self._answer(load(), reply_to)
+
+    def fill(self, session_id: str, after_seq: int, reply_to: ActorRef[Any]) -> None:
+        async def read() -> None:
+            reply_to.tell(Loaded(_as_history(await self.store.read(session_id, after_seq))))
+
+        self._answer(read(), reply_to)
+
+    def closed(self, session_id: str) -> None:
+        self._spawn(self.subscriber.unsubscribe(session_id))
+
+    def joined(self, session_id: str, connection_id: str, user_id: str | None, events: list[str]) -> None:
+        info = {
+            "node_id": self.node_id,
+            "user_id": user_id,
+            "events": events,
+            "transport": None,
+            "acked_seq": None,
+            "queued_bytes": 0,
+            "updated_ms": int(time.time() * 1000),
+        }
+        ttl = limits_of(self.settings).session_ttl_ms
+        self._spawn(self.store.put_connection(session_id, connection_id, info, ttl))
+
+    def left(self, session_id: str, connection_id: str) -> None:
+        self._spawn(self.store.drop_connection(session_id, connection_id))
+
+    def take_missed(self, session_id: str, connection_id: str, events: list[str], reply_to: ActorRef[Any]) -> None:
+        async def take() -> None:
+            missed = await self.store.read_missed(session_id, events)
+            reply_to.tell(MissedLoaded(connection_id, frozenset(m.seq for m in missed.messages)))
+
+        self._answer(take(), reply_to, fallback=MissedLoaded(connection_id, frozenset()))
+
+    def publish_own(self, session_id: str, event: dict[str, Any]) -> None:
+        """Session-made events (queries): published in call order per session."""
+        limits = limits_of(self.settings)
+        previous = self._chains.get(session_id)
+
+        async def publish() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            result = await self.store.publish(session_id, [encode(event)], [EventMeta.of(event)], limits)
+            self.stats.total_events_received += result.received
+
+        task = self._spawn(publish())
+        self._chains[session_id] = task
+        task.add_done_callback(lambda done: _forget_chain(self._chains, session_id, done))
+
+    def lock_query(self, session_id: str, request: StartQuery, reply_to: ActorRef[Any]) -> None:
+        query_lock = uuid.uuid4().hex
+
+        async def lock() -> None:
+            granted = await self.store.lock_query(session_id, query_lock, QUERY_LOCK_MS)
+            if granted:
+                self._query_ids[session_id] = query_lock
+            reply_to.tell(QueryLocked(request, granted))
+
+        self._answer(lock(), reply_to, fallback=QueryLocked(request, False))
+
+    def unlock_query(self, session_id: str) -> None:
+        query_lock = self._query_ids.pop(session_id, None)
+        if query_lock is not None:
+            self._spawn(self.store.unlock_query(session_id, query_lock))
+
+    # -- what Redis sends (the Subscriber's callbacks, on the loop thread) -----------
+
+    def _on_events(self, session_id: str, payload: bytes) -> None:
+        ref = self.directory.get(session_id)
+        if ref is None:
+            return  # no mirror here (any more): nothing to deliver
+        parsed = parse_payload(payload)
+        if isinstance(parsed, Deleted):
+            message: Any = SessionDeleted(parsed.epoch)
+        else:
+            now = asyncio.get_running_loop().time()
+            frames = []
+            for line in parsed.messages:
+                frame = Frame(line.data, line.type, line.seq, line.task_id)
+                frame.born = now
+                frames.append(frame)
+            message = Committed(parsed.epoch, frames)
+        with contextlib.suppress(ActorDeadError):
+            ref.tell(message)
+
+    def _on_broadcast(self, payload: bytes) -> None:
+        try:
+            envelope = orjson.loads(payload)
+            origin, exclude, message = envelope["origin"], envelope["exclude"], envelope["message"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.log.warning("broadcast_unreadable", size=len(payload))
+            return
+        if origin != self.node_id and self.deliver_broadcast is not None:  # the origin delivered its own
+            self.deliver_broadcast(message.encode(), frozenset(exclude))
+
+    async def broadcast(self, message: bytes, exclude: list[str]) -> None:
+        """Hand a broadcast (a connection-level message's JSON) to every other node."""
+        envelope = {"origin": self.node_id, "exclude": exclude, "message": message.decode()}
+        try:
+            await self.store.broadcast(orjson.dumps(envelope))
+            self.nodes = await self.store.live_nodes(3 * int(self.settings.backend_check_interval * 1000))
+        except BackendUnavailable as exc:
+            self._unreachable(exc)
+            raise
+
+    async def describe_session(self, session_id: str, local: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The session as the cluster knows it; connections of every node, this node's figures fresh."""
+        meta = await self.store.describe(session_id)
+        if meta is None:
+            return None
+        here = {c["connection_id"]: c for c in (local or {}).get("connections", [])}
+        connections = []
+        for shared in await self.store.connections(session_id):
+            fresh = here.pop(shared["connection_id"], None)
+            row = {**shared, **fresh} if fresh is not None else dict(shared)
+            row["node_id"] = shared.get("node_id", self.node_id)
+            connections.append(row)
+        connections.extend({**c, "node_id": self.node_id} for c in here.values())
+        fields = ("connection_id", "user_id", "events", "acked_seq", "queued_bytes", "transport", "node_id")
+        return {
+            "session_id": session_id,
+            "epoch": meta["epoch"],
+            "last_seq": meta["last_seq"],
+            "connections": [{f: c.get(f) for f in fields} for c in connections],
+            "buffered_messages": meta["buffered"],
+            "created_at": iso_timestamp(meta["created_ms"] / 1000),
+            "last_event_at": iso_timestamp(meta["last_event_ms"] / 1000) if meta.get("last_event_ms") else None,
+        }
+
+    def _on_restored(self) -> None:
+        """The subscription is back after an outage: every mirror reads what it may have missed."""
+        self.log.info("subscription_restored", sessions=len(self.directory))
+        for _, ref in self.directory.items():
+            with contextlib.suppress(ActorDeadError):
+                ref.tell(RESYNC)
+
+    # -- tasks -------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(self._guarded(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guarded(self, work: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await work
+        except BackendUnavailable as exc:
+            self._unreachable(exc)
+            return None
+        except ActorDeadError:
+            return None  # the actor that asked stopped meanwhile (its last connection left): nobody to answer
+
+    def _answer(self, work: Coroutine[Any, Any, None], reply_to: ActorRef[Any], fallback: Any = None) -> None:
+        """Run `work`; if Redis fails it, tell `reply_to` LoadFailed (or `fallback`)."""
+
+        async def run() -> None:
+            try:
+                await work
+            except BackendUnavailable as exc:
+                self._unreachable(exc)
+                with contextlib.suppress(ActorDeadError):
+                    reply_to.tell(fallback if fallback is not None else LoadFailed(str(exc)))
+
+        self._spawn(run())
+
+
+class MirrorBackendAdapter:
+    """The node as the mirrors see it (actors.backend.MirrorBackend): `publish` means a session's own event."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self._node = node
+        self.open = node.open
+        self.fill = node.fill
+        self.closed = node.closed
+        self.joined = node.joined
+        self.left = node.left
+        self.take_missed = node.take_missed
+        self.publish = node.publish_own
+        self.lock_query = node.lock_query
+        self.unlock_query = node.unlock_query
+
+
+def _as_history(part: Slice) -> HistorySlice:
+    frames = [Frame(m.data, m.type, m.seq, m.task_id) for m in part.messages]
+    return HistorySlice(part.epoch, part.first_seq, part.last_seq, frames)
+
+
+async def _describe(ref: ActorRef[Any]) -> dict[str, Any]:
+    try:
+        answer: dict[str, Any] = await ref.ask(DescribeConnection(), block=False)
+    except ActorDeadError:
+        return {}
+    return answer
+
+
+def _forget_chain(chains: dict[str, asyncio.Future[Any]], session_id: str, done: asyncio.Future[Any]) -> None:
+    if chains.get(session_id) is done:
+        del chains[session_id]

@@ -1,0 +1,230 @@
+"""Two nodes on one real Redis, over real sockets (docs/protocol.md section 7; issue 12, in progress).
+
+Both nodes are Brokers with their own application and HTTP server on the
+test's loop, sharing one redis-server of the test's own. (Tests with
+separate daemon processes, kill -9 and Redis faults under load are still to
+come: see docs/cluster.md.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from actors.runtime import LoopDispatcher, install_dispatcher
+from broker.app import make_app
+from broker.config import Settings
+from broker.core import Broker
+from broker.testing import WebSocketClient
+from tests.support.redis import RedisServer
+from tests.test_daemon import spawn, terminate  # noqa: F401 - spawn is a fixture
+
+
+class Node:
+    def __init__(self, broker: Broker, server: HTTPServer, port: int) -> None:
+        self.broker = broker
+        self.server = server
+        self.port = port
+        self.clients: list[WebSocketClient] = []
+
+    async def fetch(self, path: str, **kwargs: Any) -> HTTPResponse:
+        return await AsyncHTTPClient().fetch(f"http://127.0.0.1:{self.port}{path}", raise_error=False, **kwargs)
+
+    async def publish(self, session_id: str, *events: dict[str, Any]) -> HTTPResponse:
+        return await self.fetch(
+            f"/api/sessions/{session_id}/events",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            body=orjson.dumps(list(events)),
+        )
+
+    async def client(self, path: str = "/ws", **params: Any) -> WebSocketClient:
+        client = await WebSocketClient.connect(self.port, path, **params)
+        self.clients.append(client)
+        return client
+
+
+async def start_node(redis_url: str, node_id: str, **settings: Any) -> Node:
+    settings = Settings(backend="redis", redis_url=redis_url, node_id=node_id, backend_check_interval=0.5, **settings)
+    broker = Broker(settings)
+    broker.ready = True
+    await broker.start()
+    [sock] = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(make_app(broker))
+    server.add_sockets([sock])
+    deadline = time.monotonic() + 10
+    while not broker.ready:
+        assert time.monotonic() < deadline, "the node did not become ready"
+        await asyncio.sleep(0.01)  # noqa: sleep - bounded wait for the node's first canary
+    return Node(broker, server, sock.getsockname()[1])
+
+
+async def stop_node(node: Node) -> None:
+    for client in node.clients:
+        client.close()
+    node.server.stop()
+    node.broker.close_all(1001, "server shutdown")
+    await node.broker.stop_actors(5)
+    await node.broker.close()
+    await node.server.close_all_connections()
+
+
+@pytest.fixture
+def dispatcher(io_loop: Any) -> Iterator[LoopDispatcher]:
+    """Both nodes' actors run on the test's loop, as one daemon's do."""
+    dispatcher = LoopDispatcher(io_loop)
+    previous = install_dispatcher(dispatcher)
+    yield dispatcher
+    install_dispatcher(previous)
+
+
+@pytest.fixture
+def nodes(io_loop: Any, dispatcher: LoopDispatcher, redis_server: Any) -> Iterator[tuple[Node, Node]]:
+    a = io_loop.run_sync(lambda: start_node(redis_server.url, "node-a"))
+    b = io_loop.run_sync(lambda: start_node(redis_server.url, "node-b"))
+    yield a, b
+    for node in (a, b):
+        io_loop.run_sync(lambda node=node: stop_node(node))
+
+
+async def seqs_of(client: WebSocketClient, count: int) -> list[int]:
+    seqs = []
+    while len(seqs) < count:
+        message = await client.receive()
+        if "seq" in message:
+            seqs.append(message["seq"])
+    return seqs
+
+
+async def test_an_event_published_on_one_node_reaches_every_node_in_one_order(nodes):
+    a, b = nodes
+    on_a = await a.client(session_id="c1")
+    on_b = await b.client(session_id="c1")
+    hello_a, hello_b = await on_a.expect(type="connected"), await on_b.expect(type="connected")
+    assert hello_a["epoch"] == hello_b["epoch"]
+    for n in range(10):
+        node = a if n % 2 else b
+        response = await node.publish("c1", {"type": "task_started", "task_id": f"t{n}"})
+        assert response.code == 202, response.body
+    assert await seqs_of(on_a, 10) == list(range(1, 11))
+    assert await seqs_of(on_b, 10) == list(range(1, 11))
+
+
+async def test_a_client_reconnecting_to_the_other_node_gets_exactly_what_it_missed(nodes):
+    a, b = nodes
+    first = await a.client(session_id="c2")
+    hello = await first.expect(type="connected")
+    await a.publish("c2", *({"type": "chunk", "content": str(n), "chunk_number": n + 1} for n in range(3)))
+    assert await seqs_of(first, 3) == [1, 2, 3]
+    first.close()
+    await b.publish("c2", *({"type": "chunk", "content": str(n), "chunk_number": n + 1} for n in range(4)))
+    again = await b.client(session_id="c2", last_seq=3, epoch=hello["epoch"])
+    greeting = await again.expect(type="connected")
+    assert greeting["epoch"] == hello["epoch"] and greeting["last_seq"] == 7
+    assert await seqs_of(again, 4) == [4, 5, 6, 7]
+
+
+async def test_a_retried_event_id_is_one_event_whichever_node_takes_it(nodes):
+    a, b = nodes
+    watcher = await b.client(session_id="c3")
+    await watcher.expect(type="connected")
+    event = {"type": "task_started", "task_id": "t1", "event_id": "ev-retry-1"}
+    first, second = await a.publish("c3", event), await b.publish("c3", event)
+    assert orjson.loads(first.body)["seq"] == orjson.loads(second.body)["seq"] == [1]
+    await b.publish("c3", {"type": "task_completed", "task_id": "t1"})
+    assert await seqs_of(watcher, 2) == [1, 2]  # the retry was not delivered again
+
+
+async def test_restarting_a_node_keeps_the_epoch_and_the_history(dispatcher, redis_server):
+    a = await start_node(redis_server.url, "node-a")
+    await a.publish("c4", {"type": "session_started"}, {"type": "task_started", "task_id": "t1"})
+    info = orjson.loads((await a.fetch("/api/sessions/c4")).body)
+    await stop_node(a)
+    again = await start_node(redis_server.url, "node-a2")
+    try:
+        client = await again.client(path="/ws/research/c4")
+        hello = await client.expect(type="connection_established")
+        assert (hello["epoch"], hello["last_seq"]) == (info["epoch"], 2)
+        assert await seqs_of(client, 2) == [1, 2]
+    finally:
+        await stop_node(again)
+
+
+async def test_session_rules_hold_across_nodes(nodes):
+    a, b = nodes
+    json = {"Content-Type": "application/json"}
+    start = orjson.dumps({"query": "q", "session_id": "c5"})
+    assert (await a.fetch("/api/research/start", method="POST", headers=json, body=start)).code == 201
+    assert (await b.fetch("/api/research/start", method="POST", headers=json, body=start)).code == 409
+    on_b = await b.client(session_id="c6")
+    await on_b.expect(type="connected")
+    broadcast = await a.fetch("/api/broadcast", method="POST", headers=json, body=orjson.dumps({"message": "hi"}))
+    assert orjson.loads(broadcast.body) == {"delivered": 0, "nodes": 2}
+    await on_b.expect(type="system_notification", message="hi")
+    session = orjson.loads((await a.fetch("/api/sessions/c6")).body)
+    assert [(c["node_id"], c["user_id"]) for c in session["connections"]] == [("node-b", None)]
+    deleted = await a.fetch("/api/sessions/c6", method="DELETE")
+    assert deleted.code == 200
+    await on_b.expect(type="session_closed")
+    assert (await on_b.closed())[0] == 1000
+
+
+async def test_with_redis_stopped_publishes_and_handshakes_are_503_and_clients_catch_up_after(nodes, redis_server):
+    a, b = nodes
+    watcher = await b.client(session_id="c7")
+    await watcher.expect(type="connected")
+    await a.publish("c7", {"type": "task_started", "task_id": "t1"})
+    assert await seqs_of(watcher, 1) == [1]
+    redis_server.stop()
+    refused = await a.publish("c7", {"type": "task_started", "task_id": "t2"})
+    assert refused.code == 503 and orjson.loads(refused.body) == {"error": "backend unavailable"}
+    deadline = time.monotonic() + 10
+    while (await a.fetch("/readyz")).code != 503:
+        assert time.monotonic() < deadline, "readyz stayed 200 without Redis"
+        await asyncio.sleep(0.05)  # noqa: sleep - polling an HTTP answer with a deadline
+    redis_server.start()
+    while (await a.fetch("/readyz")).code != 200 or (await b.fetch("/readyz")).code != 200:
+        assert time.monotonic() < deadline + 20, "the nodes did not come back"
+        await asyncio.sleep(0.05)  # noqa: sleep - polling an HTTP answer with a deadline
+    # Without persistence Redis came back empty: the session starts afresh (a new epoch);
+    # the open connection is still open and hears what is published now.
+    assert (await a.publish("c7", {"type": "task_started", "task_id": "t3"})).code == 202
+    message = await watcher.receive()
+    while message.get("type") == "keepalive":
+        message = await watcher.receive()
+    assert message["type"] in {"task_started", "session_closed", "gap"}
+
+
+async def test_a_daemon_starts_while_redis_is_down_and_is_ready_once_it_answers(spawn, tmp_path):  # noqa: F811 - the fixture imported above
+    """Two real daemon processes on one Redis that comes up after them (docs/protocol.md section 7, start-up)."""
+    redis = RedisServer(tmp_path)  # its port is chosen; nothing listens there yet
+    env = {"BROKER_BACKEND": "redis", "BROKER_REDIS_URL": redis.url, "BROKER_BACKEND_CHECK_INTERVAL": "0.3"}
+    first = await spawn(BROKER_NODE_ID="p1", **env).started()
+    second = await spawn(BROKER_NODE_ID="p2", **env).started()
+    try:
+        assert (await first.fetch("/healthz")).code == 200
+        assert (await first.fetch("/readyz")).code == 503
+        redis.start()
+        deadline = time.monotonic() + 15
+        for daemon in (first, second):
+            while (await daemon.fetch("/readyz")).code != 200:
+                assert time.monotonic() < deadline, daemon.output()
+                await asyncio.sleep(0.05)  # noqa: sleep - polling another process with a deadline
+        watcher = await second.client("p-1")
+        await watcher.expect(type="connected")
+        assert (await first.publish("p-1", {"type": "task_started", "task_id": "t1"})).code == 202
+        assert (await watcher.expect(type="task_started"))["seq"] == 1
+        stats = orjson.loads((await first.fetch("/api/websocket/stats")).body)
+        assert stats["node_id"] == "p1"
+        await terminate(first)
+        await terminate(second)
+    finally:
+        redis.stop()
