@@ -45,7 +45,7 @@ from actors.messages import (
     StartQuery,
 )
 from actors.query_run import BUSY, QueryRunner
-from actors.replay import BeyondNewestError, gap_frame, greeting_frame, replay_frames
+from actors.replay import gap_frame, greeting_frame
 from actors.session import _HANDLERS, SessionActor, _Member
 from actors.wire import CloseCode, error_frame
 
@@ -184,17 +184,8 @@ class MirrorSessionActor(SessionActor):
             self.backend.joined(self.session_id, request.connection_id, request.user_id, request.filter.echo())
             self.backend.take_missed(self.session_id, request.connection_id, request.filter.echo(), self.actor_ref)
             return
-        try:
-            replayed = replay_frames(
-                self.history,
-                self.epoch,
-                request.filter,
-                replay=request.replay,
-                last_seq=request.last_seq,
-                client_epoch=request.epoch,
-            )
-        except BeyondNewestError as exc:
-            self._reply(request.connection, _refusal(str(exc)))
+        replayed = self._replay_for(request)
+        if replayed is None:
             if not self.members and not self.pending:
                 self._end()
             return
@@ -278,10 +269,6 @@ class _Reload:
 
 
 _RELOAD = _Reload()
-
-
-def _refusal(reason: str) -> CloseConnection:
-    return CloseConnection(CloseCode.POLICY_VIOLATION, reason, immediately=True)
 
 
 _MIRROR_HANDLERS: dict[type, Any] = {

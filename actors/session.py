@@ -1,8 +1,7 @@
 """SessionActor: everything about one session, owned by one actor.
 
-History and seq/epoch, task_progress throttling, idempotent publishing,
-the connections with their filters, replay on attach, expiry. Nothing else
-mutates this state; handlers and connections only send messages here.
+History and seq/epoch, throttling, idempotent publishing, the connections
+with their filters, replay, expiry: nothing else mutates this state.
 
 Order is the actor's mailbox order: a connection attached between two
 publishes gets the first in its replay and the second live, never both and
@@ -133,9 +132,7 @@ class SessionActor(LoopActor):
         """After expiry, what still arrives belongs to the session's next life."""
         if isinstance(message, (Publish, Attach)):
             return self.directory.get_or_create(self.session_id).ask(message, block=False)
-        if isinstance(message, DescribeSession):
-            return None
-        return None
+        return None  # the rest (a describe, a late timer) concerns the life that ended
 
     # -- publishing --------------------------------------------------------
 
@@ -271,17 +268,8 @@ class SessionActor(LoopActor):
     # -- connections -------------------------------------------------------
 
     def attach(self, request: Attach) -> None:
-        try:
-            replayed = replay_frames(
-                self.history,
-                self.epoch,
-                request.filter,
-                replay=request.replay,
-                last_seq=request.last_seq,
-                client_epoch=request.epoch,
-            )
-        except BeyondNewestError as exc:
-            self._reply(request.connection, CloseConnection(CloseCode.POLICY_VIOLATION, str(exc), immediately=True))
+        replayed = self._replay_for(request)
+        if replayed is None:
             if self._untouched():
                 self._end()  # made for this refused handshake: leave nothing behind
             return
@@ -296,6 +284,21 @@ class SessionActor(LoopActor):
         )
         self.stats.connected_sessions.add(self.session_id)
         self.log.debug("connection_attached", connection_id=request.connection_id, replayed=len(replayed))
+
+    def _replay_for(self, request: Attach) -> list[Frame] | None:
+        """What an attaching connection gets from history; None after refusing it (1008: last_seq too new)."""
+        try:
+            return replay_frames(
+                self.history,
+                self.epoch,
+                request.filter,
+                replay=request.replay,
+                last_seq=request.last_seq,
+                client_epoch=request.epoch,
+            )
+        except BeyondNewestError as exc:
+            self._reply(request.connection, CloseConnection(CloseCode.POLICY_VIOLATION, str(exc), immediately=True))
+            return None
 
     def detach(self, connection_id: str) -> None:
         if self.members.pop(connection_id, None) is not None:

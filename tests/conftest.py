@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from tornado.httpserver import HTTPServer
@@ -126,3 +127,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's), one per module; skipped loudly where absent (tests/browser/harness.py)."""
+    from tests.browser.harness import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[Any]:
+    """A second origin on localhost that serves the browser tests' pages."""
+    from tests.browser.harness import AppOrigin
+
+    server = AppOrigin()
+    yield server
+    server.close()

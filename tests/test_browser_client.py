@@ -28,7 +28,6 @@ from tests.browser.harness import (
     Publisher,
     app_page,
     check_page,
-    launch_browser,
     wait_until,
 )
 from tests.support.proxy import CuttingProxy
@@ -60,18 +59,6 @@ async ({ module, url, options, nextToken }) => {
 
 #: Fast reconnects keep the test short; the rules are the same at any pace.
 FAST = {"initialMs": 50, "maxMs": 300}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    yield from launch_browser()
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[AppOrigin]:
-    server = AppOrigin()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests.browser.harness import Daemon, check_page, free_port, launch_browser, new_page
+from tests.browser.harness import Daemon, check_page, free_port, new_page
 
 #: The simulated run (broker/research.py): start, plan, three tasks of 13
 #: messages (started, 11 progress steps, completed), report, completion.
 RUN_LENGTH = 43
 LAPTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    yield from launch_browser()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.harness import WAIT_MS, AppOrigin, Daemon, app_page, check_page, launch_browser
+from tests.browser.harness import WAIT_MS, AppOrigin, Daemon, app_page, check_page
 from tests.support.proxy import CuttingProxy
 
 
@@ -28,43 +28,15 @@ class NoWebSocketProxy(CuttingProxy):
     #: WebSocket handshakes refused so far
     refused = 0
 
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
+    async def admit(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> bytes | None:
         try:
             head = await client_reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            client_writer.transport.abort()
-            return
+            return None
         if b"upgrade: websocket" in head.lower():
             self.refused += 1
-            client_writer.transport.abort()
-            return
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            client_writer.transport.abort()
-            return
-        upstream_writer.write(head)
-        pair = (client_writer, upstream_writer)
-        self._pairs.add(pair)
-        await asyncio.gather(
-            self._pump(client_reader, upstream_writer, pair, downstream=False),
-            self._pump(upstream_reader, client_writer, pair, downstream=True),
-            return_exceptions=True,
-        )
-        self._close_pair(pair)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    yield from launch_browser()
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[AppOrigin]:
-    server = AppOrigin()
-    yield server
-    server.close()
+            return None
+        return head
 
 
 @pytest.fixture(scope="module")

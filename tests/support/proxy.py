@@ -119,13 +119,26 @@ class CuttingProxy:
 
     # -- forwarding ------------------------------------------------------------
 
+    async def admit(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> bytes | None:
+        """What to forward before pumping (bytes already read from the client), or None to drop the client.
+
+        Forwards everything as it comes; a subclass may read the request first and refuse some.
+        """
+        return b""
+
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        head = await self.admit(client_reader, client_writer)
+        if head is None:
+            client_writer.transport.abort()
+            return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             client_writer.transport.abort()
             return
+        if head:
+            upstream_writer.write(head)
         pair = (client_writer, upstream_writer)
         self._pairs.add(pair)
         await asyncio.gather(
