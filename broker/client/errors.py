@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.wire import CloseCode
+
 __all__ = [
     "ClientError",
     "ConnectionLostError",
@@ -31,11 +33,11 @@ __all__ = [
 ]
 
 #: What each non-retried close code means, for the exception's text.
-_ADVICE = {
-    4001: "get a new token, then connect again",
-    4003: "the token does not cover this session or user; do not retry with it",
-    1008: "a handshake parameter or the client's messages broke the protocol; fix them",
-    1009: "a message sent was larger than max_message_size",
+_ADVICE: dict[int, str] = {
+    CloseCode.UNAUTHORIZED: "get a new token, then connect again",
+    CloseCode.FORBIDDEN: "the token does not cover this session or user; do not retry with it",
+    CloseCode.POLICY_VIOLATION: "a handshake parameter or the client's messages broke the protocol; fix them",
+    CloseCode.MESSAGE_TOO_BIG: "a message sent was larger than max_message_size",
 }
 
 
@@ -54,7 +56,7 @@ class RejectedError(ClientError):
         self.code = code
         self.reason = reason
         advice = _ADVICE.get(code, "not retried")
-        kind = "closed the connection with" if code >= 1000 else "refused the handshake with HTTP"
+        kind = "closed the connection with" if code >= CloseCode.NORMAL else "refused the handshake with HTTP"
         super().__init__(f"the broker {kind} {code} ({reason or 'no reason given'}): {advice}")
 
 

@@ -35,6 +35,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, WebSocketError, websocket_connect
 
+from actors.wire import CloseCode
 from broker.client.acks import Acks
 from broker.client.backoff import Backoff
 from broker.client.cursor import Cursor, Verdict
@@ -63,7 +64,9 @@ HIDDEN = frozenset(
 )
 GREETINGS = frozenset({"connected", "connection_established"})
 #: Close codes a retry cannot fix (docs/protocol.md section 3.11).
-NOT_RETRIED = frozenset({1008, 1009, 4001, 4003})
+NOT_RETRIED = frozenset(
+    {CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG, CloseCode.UNAUTHORIZED, CloseCode.FORBIDDEN}
+)
 ENDPOINTS = ("ws", "research")
 REPLAY_MODES = ("all", "missed", "none")
 _END = object()
@@ -298,7 +301,7 @@ class Stream:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if conn is not None:
-            conn.close(1000, "client closing")
+            conn.close(CloseCode.NORMAL, "client closing")
         self._finish(None)
 
     # -- the connection loop ---------------------------------------------------
@@ -322,7 +325,7 @@ class Stream:
                     self._conn = None
                     self._connected.clear()
                     self._fail_waiter(ConnectionLostError("the connection dropped before the answer"), answers=False)
-                    conn.close(1000, "client closing" if self._closing else "reconnecting")
+                    conn.close(CloseCode.NORMAL, "client closing" if self._closing else "reconnecting")
                 if outcome.stop:
                     self._finish(None)
                     return
@@ -472,10 +475,10 @@ class Stream:
         return False
 
     def _closed(self, code: int | None, reason: str) -> _Outcome:
-        if self._session_closed or (code == 1000 and reason == "session closed"):
+        if self._session_closed or (code == CloseCode.NORMAL and reason == "session closed"):
             # Deleted: reconnecting would only make a new, empty session of the same name.
             return _Outcome(code, reason, stop=True)
-        if code == 1001 and self._shutdown_after is not None:
+        if code == CloseCode.GOING_AWAY and self._shutdown_after is not None:
             # The server asked for this pause; a little jitter keeps clients from returning in step.
             return _Outcome(code, reason, delay=self._shutdown_after * self._backoff.rng.uniform(1.0, 1.25))
         return _Outcome(code, reason)
