@@ -221,8 +221,12 @@ class MirrorSessionActor(SessionActor):
         super().detach(connection_id)
         if known:
             self.backend.left(self.session_id, connection_id)
-        if not self.members and not self.pending:
-            self._end()  # the last connection of this node left; the store keeps the session
+        self._end_if_unused()
+
+    def _end_if_unused(self) -> None:
+        """The last connection of this node left and no query of it runs: the store keeps the session."""
+        if not self.members and not self.pending and self.queries.running is None:
+            self._end()
 
     def deleted(self, message: SessionDeleted) -> None:
         if not self.epoch or message.epoch == self.epoch:
@@ -252,6 +256,7 @@ class MirrorSessionActor(SessionActor):
     def query_event(self, event: QueryEvent) -> None:
         if self.queries.on_event(event):
             self.backend.unlock_query(self.session_id)
+            self._end_if_unused()  # its asker may have left while it streamed
 
     def _publish_own(self, event: dict[str, Any]) -> int:
         """Query messages go to the store like any publish and come back in seq order."""

@@ -33,14 +33,27 @@ def settings(request) -> Settings:
 
 
 #: The backends wire tests run against: the memory one, and a node on a Redis of the test's own.
-#: Every wire test runs on memory; on Redis, the modules in REDIS_MODULES (the rest of the wire
-#: suite does not pass on a Redis node yet: issue 12 is open). `BROKER_TEST_BACKENDS=redis` with
-#: `BROKER_TEST_ALL_ON_REDIS=1` runs everything on Redis, to see how far it is.
+#: Every wire test runs on memory; on Redis, the modules in REDIS_MODULES (the others, e.g.
+#: test_sse, test_limits, test_inprocess, test_metrics, are not yet checked on a Redis node:
+#: issue 12 is open). `BROKER_TEST_BACKENDS=redis` with `BROKER_TEST_ALL_ON_REDIS=1` runs
+#: everything on Redis, to see how far it is.
 BACKENDS = os.environ.get("BROKER_TEST_BACKENDS", "memory,redis").split(",")
-REDIS_MODULES = frozenset({"test_wire_smoke", "test_cluster_wire"})
+REDIS_MODULES = frozenset({
+    "test_cluster_wire",
+    "test_origins",
+    "test_tokens",
+    "test_wire_http",
+    "test_wire_queries",
+    "test_wire_smoke",
+    "test_wire_ws",
+})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:  # skipped before any fixture runs (a server socket made and then skipped would leak)
+        marker = item.get_closest_marker("memory_only")
+        if marker is not None and "[redis" in item.nodeid:
+            item.add_marker(pytest.mark.skip(reason=f"memory backend only: {marker.args[0]}"))
     if os.environ.get("BROKER_TEST_ALL_ON_REDIS") == "1":
         return
     kept, dropped = [], []
@@ -55,10 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Which backend the application runs on. A test of memory-only behaviour says so, and why:
-    `@pytest.mark.memory_only("reason")`; it is skipped on Redis with that reason."""
-    marker = request.node.get_closest_marker("memory_only")
-    if request.param == "redis" and marker is not None:
-        pytest.skip(f"memory backend only: {marker.args[0]}")
+    `@pytest.mark.memory_only("reason")`; it is skipped on Redis with that reason (at collection)."""
     return str(request.param)
 
 

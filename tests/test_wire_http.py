@@ -668,7 +668,7 @@ async def test_publishing_while_draining_is_503(http_server_client, broker):
 # 7. GET /api/sessions/{id}
 
 
-async def test_session_shows_every_field_with_its_connections(http_server_client, connect):
+async def test_session_shows_every_field_with_its_connections(http_server_client, connect, backend):
     essential, hello = await connect("s1", research=True, user_id="u1", events="essential")
     everything, _ = await connect("s1", replay="none")
     events = [{"type": "task_started", "task_id": "t1"}, {"type": "task_completed", "task_id": "t1"}]
@@ -691,7 +691,12 @@ async def test_session_shows_every_field_with_its_connections(http_server_client
     assert assert_timestamp(session["last_event_at"]) >= assert_timestamp(session["created_at"])
     connections = {c["connection_id"]: c for c in session["connections"]}
     assert len(connections) == 2 and hello["connection_id"] in connections
-    assert all(list(c) == CONNECTION_FIELDS for c in connections.values())
+    # In a cluster each connection also names its node (docs/protocol.md section 7).
+    fields = CONNECTION_FIELDS + (["node_id"] if backend == "redis" else [])
+    assert all(list(c) == fields for c in connections.values())
+    if backend == "redis":
+        node = (await stats(http_server_client))["node_id"]
+        assert [c.pop("node_id") for c in connections.values()] == [node, node]
     assert connections.pop(hello["connection_id"]) == {
         "connection_id": hello["connection_id"],
         "user_id": "u1",
@@ -757,6 +762,7 @@ async def test_event_ids_are_forgotten_with_a_deleted_session(http_server_client
     assert code == 200 and session["last_seq"] == 1
 
 
+@pytest.mark.memory_only("total_buffered_messages counts what this node mirrors (none without a client here)")
 @with_settings(buffer_size=3)
 async def test_history_keeps_the_last_buffer_size_messages(http_server_client):
     for i in range(10):
@@ -792,6 +798,7 @@ async def test_stats_show_every_field(http_server_client, path):
     }
 
 
+@pytest.mark.memory_only("active_sessions and the buffer counters describe this node's mirrors only")
 async def test_stats_counters_follow_events_and_clients(http_server_client, connect):
     await publish(http_server_client, "s1", [{"type": "session_started"}, marker("a"), marker("b")])
     counters = await stats(http_server_client)

@@ -64,6 +64,8 @@ log = structlog.get_logger("actor_broker.cluster")
 
 #: How often every node sweeps the due set for held progress whose node may be gone.
 SWEEP_INTERVAL = 1.0
+#: The longest each step of a node's shutdown may take.
+STOP_STEP = 3.0
 #: A query holds the session's lock at most this long (a node that died mid-query frees it then).
 QUERY_LOCK_MS = 10 * 60 * 1000
 
@@ -151,18 +153,23 @@ class ClusterNode:
         await self._check()
 
     async def stop(self) -> None:
+        """Stop the timers, let in-flight calls finish briefly, close the subscription and the pool.
+
+        Every step is bounded (STOP_STEP seconds): a Redis that hangs must not hold a shutdown.
+        """
         for timer in self._timers:
             timer.cancel()
-        for timer in self._timers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await timer
-        pending = list(self._tasks)
+        pending = [*self._timers, *self._tasks]
         if pending:
-            await asyncio.wait(pending, timeout=2.0)
-        with contextlib.suppress(Exception):
-            await self.subscriber.stop()
-        with contextlib.suppress(Exception):
-            await self.store.close()
+            await asyncio.wait(pending, timeout=STOP_STEP)
+        for task in self._tasks:
+            task.cancel()
+        for closing in (self.subscriber.stop, self.store.close):
+            try:
+                async with asyncio.timeout(STOP_STEP):
+                    await closing()
+            except Exception as exc:  # noqa: BLE001 - shutting down: note it and go on
+                self.log.warning("cluster_stop_step_failed", step=closing.__qualname__, error=repr(exc))
 
     async def _every(self, interval: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
         while True:
