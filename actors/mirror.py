@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pykka import ActorDeadError
-
 from actors.messages import (
     Attach,
     CloseConnection,
@@ -39,14 +37,13 @@ from actors.messages import (
     MissedLoaded,
     QueryEvent,
     QueryLocked,
-    Replay,
     Resync,
     SessionDeleted,
     StartQuery,
 )
 from actors.query_run import BUSY, QueryRunner
-from actors.replay import gap_frame, greeting_frame
-from actors.session import _HANDLERS, SessionActor, _Member
+from actors.replay import gap_frame
+from actors.session import _HANDLERS, SessionActor
 from actors.wire import CloseCode, error_frame
 
 if TYPE_CHECKING:
@@ -201,19 +198,10 @@ class MirrorSessionActor(SessionActor):
         self._admit(request, missed)
 
     def _admit(self, request: Attach, replayed: list[Frame]) -> bool:
-        """Greet, replay, and make the connection a member; False if it left meanwhile."""
-        keepalive, at = self.settings.keepalive_interval, self.clock.time()
-        greeting = greeting_frame(request, self.session_id, self.epoch, self.history.last_seq, keepalive, at)
-        try:
-            request.connection.tell(Replay([greeting, *replayed]))
-        except ActorDeadError:
-            self.backend.left(self.session_id, request.connection_id)
-            return False
-        self.members[request.connection_id] = _Member(
-            request.connection, request.connection_id, request.user_id, request.filter
-        )
-        self.stats.connected_sessions.add(self.session_id)
-        return True
+        if super()._admit(request, replayed):
+            return True
+        self.backend.left(self.session_id, request.connection_id)  # it left meanwhile: the cluster forgets it
+        return False
 
     def detach(self, connection_id: str) -> None:
         known = connection_id in self.members or connection_id in self.pending

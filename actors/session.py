@@ -273,29 +273,27 @@ class SessionActor(LoopActor):
             if self._untouched():
                 self._end()  # made for this refused handshake: leave nothing behind
             return
+        self._admit(request, replayed)
+
+    def _admit(self, request: Attach, replayed: list[Frame]) -> bool:
+        """Greet, replay, and make the connection a member; False if it left before it was attached."""
         keepalive, at = self.settings.keepalive_interval, self.clock.time()
         greeting = greeting_frame(request, self.session_id, self.epoch, self.history.last_seq, keepalive, at)
         try:
             request.connection.tell(Replay([greeting, *replayed]))
         except ActorDeadError:
-            return  # it left before it was attached
-        self.members[request.connection_id] = _Member(
-            request.connection, request.connection_id, request.user_id, request.filter
-        )
+            return False
+        member = _Member(request.connection, request.connection_id, request.user_id, request.filter)
+        self.members[request.connection_id] = member
         self.stats.connected_sessions.add(self.session_id)
         self.log.debug("connection_attached", connection_id=request.connection_id, replayed=len(replayed))
+        return True
 
     def _replay_for(self, request: Attach) -> list[Frame] | None:
         """What an attaching connection gets from history; None after refusing it (1008: last_seq too new)."""
+        r, h, e = request, self.history, self.epoch
         try:
-            return replay_frames(
-                self.history,
-                self.epoch,
-                request.filter,
-                replay=request.replay,
-                last_seq=request.last_seq,
-                client_epoch=request.epoch,
-            )
+            return replay_frames(h, e, r.filter, replay=r.replay, last_seq=r.last_seq, client_epoch=r.epoch)
         except BeyondNewestError as exc:
             self._reply(request.connection, CloseConnection(CloseCode.POLICY_VIOLATION, str(exc), immediately=True))
             return None

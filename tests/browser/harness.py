@@ -172,7 +172,7 @@ class Daemon:
                         return int(event["port"])
             if self.process.poll() is not None:
                 break
-            time.sleep(0.02)  # a bounded poll of another process's log file
+            time.sleep(0.02)  # noqa: sleep - a bounded poll of another process's log file (no event to wait on)
         self.stop()
         raise AssertionError(f"the daemon did not start: {self.output()}")
 
@@ -225,7 +225,7 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s (last: {value!r})")
-        time.sleep(0.05)  # a bounded poll of another process
+        time.sleep(0.05)  # noqa: sleep - a bounded poll of another process (no event to wait on)
 
 
 class Publisher(threading.Thread):
