@@ -40,21 +40,10 @@ from broker.logs import log_request
 from broker.sdnotify import SdNotifier, watchdog_period
 from broker.testing import WebSocketClient
 from handlers.base import ApiHandler
+from tests.support.daemon import POLL, ROOT, WAIT, BrokerProcess
 from tests.support.wire import metrics, post_events
 
-ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "config" / "actor-broker.service"
-#: Upper bound of any one wait on the daemon (it starts in well under a second).
-WAIT = 15.0
-#: Interval of the bounded polls below.
-POLL = 0.02
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without broker settings or systemd variables."""
-    drop = ("BROKER_", "WEBSOCKET_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**env, **extra}
 
 
 class NotifyListener:
@@ -100,85 +89,21 @@ class NotifyListener:
             self.path.unlink()
 
 
-class DaemonProcess:
-    """`python -m broker serve` in a subprocess, with its stdout in a file."""
+class DaemonProcess(BrokerProcess):
+    """The shared daemon process (tests/support/daemon.py) as systemd runs it: with a notify socket.
 
-    def __init__(self, tmp_path: Path, *args: str, notify: bool = True, **env: str) -> None:
+    Settings come as keyword arguments named as the environment variables
+    (`BROKER_SHUTDOWN_TIMEOUT="4"`); `notify=False` runs it without a service manager,
+    `nofile` with that open-file limit.
+    """
+
+    def __init__(self, tmp_path: Path, *args: str, notify: bool = True, nofile: int | None = None, **env: str) -> None:
         self.tmp_path = tmp_path
         self.notify = NotifyListener(tmp_path) if notify else None
         if self.notify is not None:
             env["NOTIFY_SOCKET"] = str(self.notify.path)
-        self.stdout_path = tmp_path / "stdout.log"
-        self.stderr_path = tmp_path / "stderr.log"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "broker", "serve", "--port", "0", *args],
-                cwd=ROOT,
-                env=clean_env(**env),
-                stdout=out,
-                stderr=err,
-            )
-        self.port = 0
+        super().__init__(tmp_path, *args, env=env, nofile=nofile)
         self.clients: list[WebSocketClient] = []
-
-    # -- logs ----------------------------------------------------------------
-
-    def logs(self) -> list[dict[str, Any]]:
-        """Every complete line on stdout, each of which must be one JSON object."""
-        text = self.stdout_path.read_text(errors="replace")
-        lines = text.split("\n")[:-1]  # the last piece may be a line still being written
-        events = []
-        for line in lines:
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                raise AssertionError(f"stdout line is not JSON: {line!r}") from None
-            assert isinstance(event, dict), line
-            events.append(event)
-        return events
-
-    async def wait_log(self, timeout: float = WAIT, **fields: Any) -> dict[str, Any]:
-        """The first log line with these fields; fails if the process exits or time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.logs():
-                if all(event.get(k) == v for k, v in fields.items()):
-                    return event
-            if self.process.poll() is not None:
-                break
-            await asyncio.sleep(POLL)  # noqa: sleep - bounded poll of another process's log file
-        raise AssertionError(f"no log line with {fields} (exit {self.process.poll()}): {self.output()}")
-
-    def output(self) -> str:
-        return self.stdout_path.read_text(errors="replace")[-4000:] + self.stderr_path.read_text(errors="replace")
-
-    # -- life ------------------------------------------------------------------
-
-    async def started(self) -> DaemonProcess:
-        """Wait for the `listening` line and take the port from it (`--port 0`)."""
-        event = await self.wait_log(event="listening")
-        self.port = event["port"]
-        return self
-
-    def send(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    async def exited(self, timeout: float = WAIT) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                return code
-            await asyncio.sleep(POLL)  # noqa: sleep - bounded poll for another process to exit
-        raise AssertionError(f"the daemon did not exit within {timeout} s: {self.output()}")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def fetch(self, path: str, **kwargs: Any) -> HTTPResponse:
-        kwargs.setdefault("raise_error", False)
-        kwargs.setdefault("request_timeout", 5.0)
-        return await AsyncHTTPClient().fetch(self.url(path), **kwargs)
 
     async def publish(self, session_id: str, event: dict[str, Any]) -> HTTPResponse:
         return await post_events(self, session_id, event)
@@ -189,12 +114,10 @@ class DaemonProcess:
         return client
 
     def stop(self) -> None:
-        """Teardown: whatever state the test left the process in, it goes."""
+        """Teardown: its clients close, the process goes, the notify socket too."""
         for client in self.clients:
             client.close()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=WAIT)
+        super().stop()
         if self.notify is not None:
             self.notify.close()
 

@@ -23,8 +23,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +33,8 @@ import pytest
 
 from broker.config import ConfigError, load_settings
 from handlers.hosts import host_allowed, request_hostname
-from tests.test_daemon import POLL, ROOT, WAIT, DaemonProcess, clean_env
+from tests.support.daemon import POLL, WAIT
+from tests.test_daemon import DaemonProcess
 
 #: The daemons' open-file limit: a few hundred sockets exhaust it.
 NOFILE = 256
@@ -51,33 +50,11 @@ CPU_FRACTION_LIMIT = 0.25
 RECOVERY = 1.0
 
 
-#: The child lowers its own open-file limit (soft and hard), then runs `python -m broker`:
-#: a limit set by the child itself, with no preexec_fn (unsafe in a process with threads).
-_LIMITED = (
-    "import resource, runpy, sys; limit = int(sys.argv.pop(1)); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)); sys.argv[0] = 'broker'; "
-    "runpy.run_module('broker', run_name='__main__', alter_sys=True)"
-)
-
-
 class LimitedDaemon(DaemonProcess):
     """`DaemonProcess` with an open-file limit (soft and hard) set before the broker starts."""
 
     def __init__(self, tmp_path: Path, *args: str, nofile: int = NOFILE, **env: str) -> None:
-        self.tmp_path = tmp_path
-        self.notify = None
-        self.stdout_path = tmp_path / "stdout.log"
-        self.stderr_path = tmp_path / "stderr.log"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _LIMITED, str(nofile), "serve", "--port", "0", *args],
-                cwd=ROOT,
-                env=clean_env(BROKER_LOG_FORMAT="json", **env),
-                stdout=out,
-                stderr=err,
-            )
-        self.port = 0
-        self.clients = []
+        super().__init__(tmp_path, *args, notify=False, nofile=nofile, **{"BROKER_LOG_FORMAT": "json", **env})
 
     def events(self, *names: str) -> list[dict[str, Any]]:
         return [event for event in self.logs() if event.get("event") in names]

@@ -13,14 +13,11 @@ loop, and the daemon and the proxy run in their own process and thread.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -32,9 +29,9 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.support.daemon import BrokerProcess, settings_env
 from tests.support.proxy import CuttingProxy
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 #: As root, without a sandbox or GPU, and with nothing that calls out to
 #: Google's services (this machine's closed network refuses them).
@@ -140,57 +137,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Daemon:
-    """`python -m broker serve` in a subprocess; settings as BROKER_ variables."""
+class Daemon(BrokerProcess):
+    """The shared daemon process (tests/support/daemon.py), started at once; settings as keywords.
+
+    Its HTTP helpers block (the browser tests are synchronous).
+    """
 
     def __init__(self, directory: Path, *, port: int = 0, **settings: Any) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.stdout_path = directory / "stdout.log"
-        self.stderr_path = directory / "stderr.log"
-        drop = ("BROKER_", "WEBSOCKET_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-        for key, value in settings.items():
-            env[f"BROKER_{key.upper()}"] = value if isinstance(value, str) else orjson.dumps(value).decode()
-        env["BROKER_LOG_FORMAT"] = "json"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "broker", "serve", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=err,
-            )
-        self.port = self._wait_listening()
-
-    def _wait_listening(self) -> int:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            for line in self.stdout_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    event = orjson.loads(line)
-                    if isinstance(event, dict) and event.get("event") == "listening":
-                        return int(event["port"])
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.02)  # noqa: sleep - a bounded poll of another process's log file (no event to wait on)
-        self.stop()
-        raise AssertionError(f"the daemon did not start: {self.output()}")
-
-    def output(self) -> str:
-        return self.stdout_path.read_text(errors="replace")[-3000:] + self.stderr_path.read_text(errors="replace")
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        super().__init__(directory, env=settings_env(log_format="json", **settings), port=port)
+        try:
+            self.wait_started()
+        except AssertionError:
+            self.stop()
+            raise
 
     def terminate(self) -> int:
         """SIGTERM (a graceful drain: clients get server_shutdown) and wait for the exit."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(WAIT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(WAIT)
 
     # -- HTTP ------------------------------------------------------------------
 
