@@ -167,14 +167,14 @@ class Broker:
         normalized = normalize_events(list(events), session_id=None, now=time.time())
 
         def publish() -> None:
-            if self.cluster is not None:
-                self._spawn(self.cluster.publish(normalized))
-                return
             by_session: dict[str, list[dict[str, Any]]] = {}
             for event in normalized:
                 by_session.setdefault(event["session_id"], []).append(event)
             for session_id, batch in by_session.items():
-                self.directory.get_or_create(session_id).tell(Publish(batch))
+                if self.cluster is not None:
+                    self.cluster.publish_in_order(session_id, batch)
+                else:
+                    self.directory.get_or_create(session_id).tell(Publish(batch))
 
         if self._dispatcher.on_thread():
             publish()
@@ -213,8 +213,7 @@ class Broker:
             cluster = self.cluster
 
             def publish_shared(events: list[dict[str, Any]]) -> bool:
-                for event in events:
-                    cluster.publish_own(session_id, event)
+                cluster.publish_in_order(session_id, events)
                 return True
 
             return publish_shared

@@ -30,18 +30,25 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from actors.connection import ConnectionActor
 from actors.inbox import Inbox
+from actors.mirror import MirrorSessionActor
 from actors.runtime import Dispatcher, current_dispatcher
 from actors.session import SessionActor
 from actors.stats import LIMITS, LatencyHistogram
 
 if TYPE_CHECKING:
+    from broker.cluster.node import ClusterNode
     from broker.core import Broker
     from broker.descriptors import DescriptorBudget
 
 __all__ = ["BrokerCollector", "broker_registry"]
 
 #: Label values of `broker_actors{kind=...}`.
-_KINDS: dict[type[Any], str] = {SessionActor: "session", ConnectionActor: "connection"}
+#: A mirror is a Redis node's session actor: it counts as one.
+_KINDS: dict[type[Any], str] = {
+    SessionActor: "session",
+    MirrorSessionActor: "session",
+    ConnectionActor: "connection",
+}
 
 
 class BrokerCollector:
@@ -122,6 +129,8 @@ class BrokerCollector:
         )
         yield _gauge("broker_sessions_with_buffer", "Sessions holding at least one message.", s.sessions_with_buffer)
         yield from self._actor_metrics()
+        if broker.cluster is not None:
+            yield from _cluster_metrics(broker.cluster)
         yield _gauge("broker_ready", "1 while /readyz answers 200.", 1 if broker.ready else 0)
         yield _gauge("broker_draining", "1 while shutting down gracefully.", 1 if broker.draining else 0)
         yield _gauge(
@@ -222,6 +231,33 @@ def _histogram(name: str, documentation: str, histogram: LatencyHistogram) -> Hi
         running += count
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.total)
+
+
+def _cluster_metrics(node: ClusterNode) -> Iterator[Metric]:
+    """What an operator watches on a Redis node: is Redis answering, is the subscription alive (the canary)."""
+    subscriber = node.subscriber
+    yield _gauge("broker_redis_reachable", "1 while Redis answers this node's commands.", 1 if node.reachable else 0)
+    yield _gauge(
+        "broker_redis_subscription_healthy",
+        "1 while the pub/sub subscription is confirmed and its last canary came back (a deaf node shows 0).",
+        1 if subscriber.healthy else 0,
+    )
+    yield _counter(
+        "broker_redis_messages_received",
+        "Session and broadcast messages received over pub/sub (canaries not counted).",
+        subscriber.messages_received,
+    )
+    yield _counter(
+        "broker_redis_reconnects",
+        "Pub/sub connections made again after a loss or a failed canary (each one is followed by a catch-up).",
+        subscriber.reconnects,
+    )
+    yield _counter(
+        "broker_redis_canary_failures",
+        "Canaries that did not come back within the check interval: the subscription was found deaf.",
+        subscriber.canary_failures,
+    )
+    yield _gauge("broker_cluster_nodes", "Live nodes in the cluster, this one included.", len(node.nodes))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

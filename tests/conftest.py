@@ -33,20 +33,10 @@ def settings(request) -> Settings:
 
 
 #: The backends wire tests run against: the memory one, and a node on a Redis of the test's own.
-#: Every wire test runs on memory; on Redis, the modules in REDIS_MODULES (the others, e.g.
-#: test_sse, test_limits, test_inprocess, test_metrics, are not yet checked on a Redis node:
-#: issue 12 is open). `BROKER_TEST_BACKENDS=redis` with `BROKER_TEST_ALL_ON_REDIS=1` runs
-#: everything on Redis, to see how far it is.
+#: Every test that uses the application fixture runs on both (docs/protocol.md section 7); a test of
+#: memory-only behaviour is marked `memory_only` with its reason and skipped on Redis at collection.
+#: `BROKER_TEST_BACKENDS=memory` (or `redis`) runs one of them only.
 BACKENDS = os.environ.get("BROKER_TEST_BACKENDS", "memory,redis").split(",")
-REDIS_MODULES = frozenset({
-    "test_cluster_wire",
-    "test_origins",
-    "test_tokens",
-    "test_wire_http",
-    "test_wire_queries",
-    "test_wire_smoke",
-    "test_wire_ws",
-})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -54,15 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("memory_only")
         if marker is not None and "[redis" in item.nodeid:
             item.add_marker(pytest.mark.skip(reason=f"memory backend only: {marker.args[0]}"))
-    if os.environ.get("BROKER_TEST_ALL_ON_REDIS") == "1":
-        return
-    kept, dropped = [], []
-    for item in items:
-        on_redis = "[redis" in item.nodeid
-        (dropped if on_redis and item.module.__name__.rsplit(".", 1)[-1] not in REDIS_MODULES else kept).append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
 
 
 @pytest.fixture(params=BACKENDS)

@@ -188,7 +188,12 @@ async def test_a_token_sent_as_a_subprotocol_counts_towards_the_user_limit_too(p
 
 # -- max_sessions -------------------------------------------------------------------
 
+#: On a Redis node max_sessions bounds the session actors that node holds (mirrors, one per session it has
+#: connections to); a publish or a research start keeps its session in Redis and creates nothing on the node.
+PER_NODE_SESSIONS = "max_sessions counts the sessions one node holds; on Redis a publish creates no state on the node"
 
+
+@pytest.mark.memory_only(PER_NODE_SESSIONS)
 @with_settings(max_sessions=2)
 async def test_max_sessions_refuses_publishing_to_a_new_session(http_server_client):
     started = {"type": "task_started", "task_id": "t"}
@@ -214,6 +219,7 @@ async def test_max_sessions_refuses_publishing_to_a_new_session(http_server_clie
     assert (await stats(http_server_client))["active_sessions"] == 2
 
 
+@pytest.mark.memory_only(PER_NODE_SESSIONS)
 @with_settings(max_sessions=2)
 async def test_max_sessions_refuses_a_websocket_to_a_new_session(connect, port, http_server_client):
     code, _ = await post_json(http_server_client, "/api/sessions/mw1/events", {"type": "session_started"})
@@ -227,6 +233,7 @@ async def test_max_sessions_refuses_a_websocket_to_a_new_session(connect, port, 
     await client.expect(type="session_started")
 
 
+@pytest.mark.memory_only(PER_NODE_SESSIONS)
 @with_settings(max_sessions=1)
 async def test_max_sessions_refuses_a_research_start(http_server_client):
     code, _ = await post_json(http_server_client, "/api/sessions/rs1/events", {"type": "session_started"})

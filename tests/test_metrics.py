@@ -7,12 +7,14 @@ so these tests drive traffic and scrape again.
 
 from __future__ import annotations
 
+import pytest
+
 from actors.messages import DescribeSession
 from broker.config import Settings
 from broker.core import Broker
 from broker.metrics import BrokerCollector, broker_registry
 from broker.testing import ActorHarness
-from tests.support.wire import metrics, publish, session_info
+from tests.support.wire import metrics, publish, session_info, wait_until
 from tests.support.wire import stats as get_stats
 
 
@@ -133,3 +135,31 @@ async def test_gc_pauses_are_measured_and_exported(broker, http_server_client):
         broker.gc_pauses.uninstall()
     samples = await metrics(http_server_client)
     assert samples.value("broker_gc_pause_gen2_seconds_count") >= 1
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_redis_node_reports_its_subscription_and_a_cut_one_is_counted(
+    connect, http_server_client, redis_server
+):
+    """What an operator alerts on: Redis reachable, the subscription alive, and each time it was found deaf."""
+    samples = await metrics(http_server_client)
+    assert samples.value("broker_redis_reachable") == 1
+    assert samples.value("broker_redis_subscription_healthy") == 1
+    assert samples.value("broker_cluster_nodes") == 1
+    assert samples.value("broker_redis_reconnects_total") == 0
+    client, _ = await connect("rm1", research=True)
+    await publish(http_server_client, "rm1", [{"type": "task_started", "task_id": "t1"}])
+    await client.expect(type="task_started")
+    received = await metrics(http_server_client)
+    assert received.value("broker_redis_messages_received_total") >= 1
+
+    redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")  # the subscription is cut under the node
+    samples = await wait_until(
+        lambda: metrics(http_server_client),
+        lambda s: s.value("broker_redis_reconnects_total") >= 1 and s.value("broker_redis_subscription_healthy") == 1,
+        timeout=10,
+        what="the node resubscribing",
+    )
+    assert samples.value("broker_redis_reachable") == 1
+    await publish(http_server_client, "rm1", [{"type": "task_started", "task_id": "t2"}])
+    assert (await client.expect(type="task_started"))["task_id"] == "t2"  # it hears the session again

@@ -314,16 +314,25 @@ class ClusterNode:
         self._answer(take(), reply_to, fallback=MissedLoaded(connection_id, frozenset()))
 
     def publish_own(self, session_id: str, event: dict[str, Any]) -> None:
-        """Session-made events (queries): published in call order per session."""
-        limits = limits_of(self.settings)
+        """A session-made event (queries): published after every earlier one of its session."""
+        self.publish_in_order(session_id, [event])
+
+    def publish_in_order(self, session_id: str, events: list[dict[str, Any]]) -> None:
+        """Fire-and-forget publishing of one session's validated events, in call order.
+
+        `publish` calls run concurrently (each on its own pooled connection), so
+        two of them may reach Redis in either order; callers without a reply to
+        wait for (queries, `Broker.emit`, the simulated research) need their
+        events in the order they made them, so each call waits for the one
+        before it of the same session.
+        """
         previous = self._chains.get(session_id)
 
         async def publish() -> None:
             if previous is not None:
                 with contextlib.suppress(Exception):
                     await previous
-            result = await self.store.publish(session_id, [encode(event)], [EventMeta.of(event)], limits)
-            self.stats.total_events_received += result.received
+            await self.publish(events)
 
         task = self._spawn(publish())
         self._chains[session_id] = task
