@@ -157,28 +157,38 @@ class ApiHandler(RequestIdMixin, tornado.web.RequestHandler):
 
     def publisher_refusal(self) -> tuple[int, str] | None:
         """Why this request may not change state: (401 or 403, error text), or None if it may."""
-        keys = self.broker.settings.api_keys
-        if keys:
-            header = self.request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                return 401, "an API key is required: send 'Authorization: Bearer KEY'"
-            if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
-                return 403, "this API key is not accepted"
-            return None
-        if not _is_loopback(self.request.remote_ip):
-            return (
-                403,
-                "publishing is open to loopback clients only while no api_keys are configured; "
-                "set api_keys in the configuration to publish from other hosts",
-            )
-        return None
+        return publisher_refusal(
+            self.broker.settings.api_keys, self.request.headers.get("Authorization", ""), self.request.remote_ip
+        )
 
     def refuse(self, status: int, error: str) -> None:
         """Answer a refusal from `publisher_refusal` (or a 413), with the challenge a 401 needs."""
         if status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="actor-broker"')
         self.fail(status, error)
+
+
+def publisher_refusal(keys: tuple[str, ...], authorization: str, remote_ip: str | None) -> tuple[int, str] | None:
+    """The publisher rule of every state-changing request: (401 or 403, error text), or None if it may.
+
+    A Bearer key when `api_keys` are configured, else loopback only. A function,
+    not only a method, because a publish WebSocket (handlers/ws_publish.py) is
+    authorised by the same rule but is no ApiHandler.
+    """
+    if keys:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return 401, "an API key is required: send 'Authorization: Bearer KEY'"
+        if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+            return 403, "this API key is not accepted"
+        return None
+    if not _is_loopback(remote_ip):
+        return (
+            403,
+            "publishing is open to loopback clients only while no api_keys are configured; "
+            "set api_keys in the configuration to publish from other hosts",
+        )
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
