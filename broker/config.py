@@ -69,6 +69,8 @@ class Settings:
     max_connections_per_session: int = 1000
     max_connections_per_user: int = 100
     max_sessions: int = 100_000
+    #: unanswered frames one /ws/publish connection may have before the server stops reading it
+    max_publish_inflight: int = 1000
     allowed_origins: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = ()
     jwt_secret: str = ""
@@ -206,6 +208,7 @@ _SPECS: Mapping[str, _Spec] = MappingProxyType({
     "max_connections_per_session": _INT_POSITIVE,
     "max_connections_per_user": _INT_POSITIVE,
     "max_sessions": _INT_POSITIVE,
+    "max_publish_inflight": _INT_POSITIVE,
     "allowed_origins": _Spec("strings"),
     "api_keys": _Spec("strings", secret=True),
     "jwt_secret": _Spec("str", secret=True),
