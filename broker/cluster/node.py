@@ -62,17 +62,29 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("actor_broker.cluster")
 
+#: The session messages that end a query (actors/query_run.py).
+_QUERY_ENDS = frozenset({"complete", "error"})
 #: How often every node sweeps the due set for held progress whose node may be gone.
 SWEEP_INTERVAL = 1.0
 #: The longest each step of a node's shutdown may take.
 STOP_STEP = 3.0
-#: A query holds the session's lock at most this long (a node that died mid-query frees it then).
-QUERY_LOCK_MS = 10 * 60 * 1000
+#: Nodes count as dead, and their connection records as stale, after this many check intervals of silence.
+SILENT_CHECKS = 3
 
 
 def default_node_id() -> str:
     """Host name and process id: unique per running daemon, readable in logs."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def silent_ms(settings: Settings) -> int:
+    """How long a node may be silent and still count as live: 3 x backend_check_interval (PROTOCOL section 7).
+
+    A connection record its node has not refreshed for as long is a dead node's;
+    a query lock lives as long unless its node renews it, so a node killed
+    mid-query blocks its session's queries for no longer than that.
+    """
+    return int(SILENT_CHECKS * settings.backend_check_interval * 1000)
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -82,6 +94,7 @@ def limits_of(settings: Settings) -> Limits:
         min_delta=settings.min_delta,
         max_interval_ms=settings.max_interval_ms,
         session_ttl_ms=int(settings.session_ttl * 1000),
+        connection_stale_ms=silent_ms(settings),
     )
 
 
@@ -188,12 +201,12 @@ class ClusterNode:
                 for warning in await self.store.check_server():
                     self.log.warning("redis_setting", problem=warning)
             await self.store.heartbeat(self.node_id)
-            interval_ms = int(self.settings.backend_check_interval * 1000)
-            self.nodes = await self.store.live_nodes(3 * interval_ms)
+            self.nodes = await self.store.live_nodes(silent_ms(self.settings))
             sessions = [sid for sid, _ in self.directory.items()]
             if sessions:
                 await self.store.touch(sessions, limits_of(self.settings).session_ttl_ms)
             await self._sync_connections()
+            await self._renew_query_locks()
         except BackendUnavailable as exc:
             self._unreachable(exc)
             return
@@ -222,6 +235,12 @@ class ClusterNode:
                         limits_of(self.settings).session_ttl_ms,
                     )
 
+    async def _renew_query_locks(self) -> None:
+        """Keep the locks of this node's running queries; one whose node died expires by itself."""
+        for session_id, query_lock in list(self._query_ids.items()):
+            if not await self.store.lock_query(session_id, query_lock, silent_ms(self.settings)):
+                self.log.warning("query_lock_lost", session_id=session_id)
+
     async def _sweep(self) -> None:
         """Fire trailing edges that are due, whichever node held them (that node may be gone)."""
         try:
@@ -232,8 +251,13 @@ class ClusterNode:
 
     # -- publishing (the Broker) ---------------------------------------------
 
-    async def publish(self, events: list[dict[str, Any]]) -> list[int | None]:
-        """Validated events, any sessions: one script call per session; BackendUnavailable if Redis is not reached."""
+    async def publish(
+        self, events: list[dict[str, Any]], release_query: dict[str, str] | None = None
+    ) -> list[int | None]:
+        """Validated events, any sessions: one script call per session; BackendUnavailable if Redis is not reached.
+
+        `release_query` maps a session to the query lock its batch ends (released in the same call).
+        """
         if not self.reachable:
             raise BackendUnavailable("backend unavailable")
         by_session: dict[str, list[int]] = {}
@@ -248,6 +272,7 @@ class ClusterNode:
                         [encode(events[i]) for i in indexes],
                         [EventMeta.of(events[i]) for i in indexes],
                         limits,
+                        release_query=(release_query or {}).get(sid),
                     )
                     for sid, indexes in by_session.items()
                 )
@@ -314,10 +339,19 @@ class ClusterNode:
         self._answer(take(), reply_to, fallback=MissedLoaded(connection_id, frozenset()))
 
     def publish_own(self, session_id: str, event: dict[str, Any]) -> None:
-        """A session-made event (queries): published after every earlier one of its session."""
-        self.publish_in_order(session_id, [event])
+        """A session-made event (queries): published after every earlier one of its session.
 
-    def publish_in_order(self, session_id: str, events: list[dict[str, Any]]) -> None:
+        The event that ends this node's running query (its `complete` or `error`)
+        releases the session's query lock in the same script call: a client that
+        has read the end may ask the next query on any node at once, and none can
+        start before the end is committed.
+        """
+        release = None
+        if event.get("type") in _QUERY_ENDS and "query_id" in event and session_id in self._query_ids:
+            release = self._query_ids.pop(session_id)
+        self.publish_in_order(session_id, [event], release)
+
+    def publish_in_order(self, session_id: str, events: list[dict[str, Any]], release_query: str | None = None) -> None:
         """Fire-and-forget publishing of one session's validated events, in call order.
 
         `publish` calls run concurrently (each on its own pooled connection), so
@@ -332,7 +366,7 @@ class ClusterNode:
             if previous is not None:
                 with contextlib.suppress(Exception):
                     await previous
-            await self.publish(events)
+            await self.publish(events, None if release_query is None else {session_id: release_query})
 
         task = self._spawn(publish())
         self._chains[session_id] = task
@@ -342,7 +376,7 @@ class ClusterNode:
         query_lock = uuid.uuid4().hex
 
         async def lock() -> None:
-            granted = await self.store.lock_query(session_id, query_lock, QUERY_LOCK_MS)
+            granted = await self.store.lock_query(session_id, query_lock, silent_ms(self.settings))
             if granted:
                 self._query_ids[session_id] = query_lock
             reply_to.tell(QueryLocked(request, granted))
@@ -389,7 +423,7 @@ class ClusterNode:
         envelope = {"origin": self.node_id, "exclude": exclude, "message": message.decode()}
         try:
             await self.store.broadcast(orjson.dumps(envelope))
-            self.nodes = await self.store.live_nodes(3 * int(self.settings.backend_check_interval * 1000))
+            self.nodes = await self.store.live_nodes(silent_ms(self.settings))
         except BackendUnavailable as exc:
             self._unreachable(exc)
             raise
@@ -401,7 +435,7 @@ class ClusterNode:
             return None
         here = {c["connection_id"]: c for c in (local or {}).get("connections", [])}
         connections = []
-        for shared in await self.store.connections(session_id):
+        for shared in await self.store.connections(session_id, silent_ms(self.settings)):
             fresh = here.pop(shared["connection_id"], None)
             row = {**shared, **fresh} if fresh is not None else dict(shared)
             row["node_id"] = shared.get("node_id", self.node_id)

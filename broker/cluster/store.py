@@ -10,7 +10,9 @@ carries the session id as a hash tag, so they hash to one slot:
     ab:{sid}:dedupz       zset    event_id scored by accept time (ms): the dedup window
     ab:{sid}:tasks        hash    task_id -> JSON throttle state, held event included
     ab:{sid}:undelivered  zset    seqs no connection on any node admitted (replay=missed)
-    ab:{sid}:conns        hash    connection_id -> JSON {node_id, user_id, events, ...}
+    ab:{sid}:conns        hash    connection_id -> JSON {seen_ms (Redis time of its last refresh), node_id,
+                                  user_id, events, ...}; stale (its node died) once not refreshed for
+                                  Limits.connection_stale_ms
     ab:{sid}:query        string  the running query's id (the one-query-at-a-time lock)
     ab:throttle:due       zset    "<sid>\\n<task_id>" scored by due time: the trailing-edge sweep
     ab:nodes              hash    node_id -> last heartbeat (Redis time, ms)
@@ -150,6 +152,9 @@ class Limits:
     min_delta: float
     max_interval_ms: int
     session_ttl_ms: int
+    #: a connection record its node has not refreshed for this long is a dead node's: it admits
+    #: nothing (replay=missed) and is not listed (0: never stale)
+    connection_stale_ms: int = 0
 
 
 def _load(name: str) -> str:
@@ -209,6 +214,8 @@ class RedisStore:
         self._read_missed = session_script("read_missed.lua")
         self._create_script = session_script("create.lua")
         self._delete = session_script("delete.lua")
+        self._connections = session_script("connections.lua")
+        self._put_connection = client.register_script(_load("put_connection.lua"))
         self._lock = client.register_script(_load("lock_query.lua"))
         self._unlock = client.register_script(_load("unlock_query.lua"))
         self._due = client.register_script(_load("due.lua"))
@@ -313,12 +320,16 @@ class RedisStore:
         limits: Limits,
         *,
         now_ms: int | None = None,
+        release_query: str | None = None,
     ) -> PublishResult:
         """Publish a batch to one session in ONE script call: dedup, throttle, seq, XADD, PUBLISH.
 
         `events` are the validated events' JSON objects (actors.messages.encode),
         `meta` what the script needs of each. Creates the session (new epoch) if
         it does not exist. Semantics exactly as the memory backend (module docstring).
+        `release_query`: the id of the query lock this batch ends (its `complete` or
+        `error`), released in the same call, so no node can start the next query before
+        the end of this one is committed, nor be refused after it was.
         """
         keys = self._keys(session_id)
         if len(events) != len(meta):
@@ -345,7 +356,9 @@ class RedisStore:
             action = "" if item.current_action is None else "=" + item.current_action
             progress = "" if item.progress is None else repr(item.progress)
             args += [item.event_id, item.type, item.task_id or "", progress, action, data]
-        reply = await self._run("publish", self._publish(keys=[*keys, self._due_key], args=args))
+        args += [limits.connection_stale_ms, release_query or ""]
+        keys += [self._due_key, self._query_key(session_id)]
+        reply = await self._run("publish", self._publish(keys=keys, args=args))
         seqs, held, throttled, received, now = reply
         return PublishResult(
             [seq or None for seq in seqs],
@@ -371,6 +384,7 @@ class RedisStore:
             limits.buffer_size,
             limits.session_ttl_ms,
             self.events_channel(session_id),
+            limits.connection_stale_ms,
         ]
         seq, _due = await self._run("flush", self._flush(keys=[*keys, self._due_key], args=args))
         return int(seq) or None
@@ -468,25 +482,27 @@ class RedisStore:
         """Register or update one connection (node_id, user_id, events filter echo, stats).
 
         `events` decides replay=missed for the whole cluster; `updated_ms` is
-        added (this node's clock) when the caller did not set it.
+        added (this node's clock) when the caller did not set it. The script stamps
+        the record with Redis time (`seen_ms`): the node refreshes it every check,
+        and one it stops refreshing (it died) goes stale (Limits.connection_stale_ms).
         """
         conns = self._keys(session_id)[6]
-        record = dict(info)
+        record = {k: v for k, v in info.items() if k != "seen_ms"}  # the script stamps it, by Redis time
         record.setdefault("updated_ms", int(time.time() * 1000))
         if not isinstance(record.get("events"), list):
             raise ValueError("connection info needs 'events', the filter echo (a list of strings)")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(conns, connection_id, orjson.dumps(record))
-        pipe.pexpire(conns, session_ttl_ms)
-        await self._run("put_connection", pipe.execute())
+        args: list[str | bytes | int] = [connection_id, orjson.dumps(record), session_ttl_ms]
+        await self._run("put_connection", self._put_connection(keys=[conns], args=args))
 
     async def drop_connection(self, session_id: str, connection_id: str) -> None:
         """Forget one connection."""
         await self._run("drop_connection", self.client.hdel(self._keys(session_id)[6], connection_id))
 
-    async def connections(self, session_id: str) -> list[dict[str, Any]]:
-        """The session's connections on every node, each with `connection_id` added."""
-        raw = await self._run("connections", self.client.hgetall(self._keys(session_id)[6]))
+    async def connections(self, session_id: str, stale_ms: int = 0) -> list[dict[str, Any]]:
+        """The session's connections on every node, each with `connection_id` added; records
+        not refreshed for `stale_ms` (a dead node's) are dropped, not listed (0: keep all)."""
+        reply = await self._run("connections", self._connections(keys=self._keys(session_id), args=[stale_ms]))
+        raw = dict(zip(reply[::2], reply[1::2], strict=True))
         result: list[dict[str, Any]] = []
         for connection_id, data in sorted(raw.items()):
             record = orjson.loads(data)

@@ -65,8 +65,24 @@ local function admits(filter, etype)
   return false
 end
 
--- Whether some connection of the session, on any node, admits `etype`
--- (decides `undelivered`, i.e. replay=missed). `conns` is read once per call.
+-- A connection record (put_connection.lua) begins with the Redis time it was
+-- last written: '{"seen_ms":<ms>,...'. Its node rewrites it every
+-- backend_check_interval; one not rewritten for `conn_stale_ms` belongs to a
+-- node that died (kill -9): it admits nothing and is forgotten. A record
+-- without the stamp (written before it existed) never goes stale.
+-- `conn_stale_ms` is set by the script (0: nothing is stale).
+local conn_stale_ms = 0
+local function conn_live(raw, now)
+  if conn_stale_ms <= 0 then
+    return true
+  end
+  local seen = tonumber(string.match(raw, '^{"seen_ms":(%d+)'))
+  return seen == nil or seen >= now - conn_stale_ms
+end
+
+-- Whether some live connection of the session, on any node, admits `etype`
+-- (decides `undelivered`, i.e. replay=missed). `conns` is read once per call;
+-- stale records are dropped on the way.
 local conn_filters = nil
 local admitted = {}
 local function anyone_admits(etype)
@@ -76,10 +92,18 @@ local function anyone_admits(etype)
   end
   if conn_filters == nil then
     conn_filters = {}
-    for _, raw in ipairs(redis.call('HVALS', K_CONNS)) do
-      local ok, info = pcall(cjson.decode, raw)
-      if ok and type(info) == 'table' and type(info.events) == 'table' then
-        conn_filters[#conn_filters + 1] = info.events
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local all = redis.call('HGETALL', K_CONNS)
+    for i = 1, #all, 2 do
+      local raw = all[i + 1]
+      if conn_live(raw, now) then
+        local ok, info = pcall(cjson.decode, raw)
+        if ok and type(info) == 'table' and type(info.events) == 'table' then
+          conn_filters[#conn_filters + 1] = info.events
+        end
+      else
+        redis.call('HDEL', K_CONNS, all[i])
       end
     end
   end

@@ -1,7 +1,8 @@
 -- flush: the trailing edge of one task's throttle (common.lua first).
 -- KEYS[1..7] session keys, KEYS[8] the global due set.
 -- ARGV: [1] now_ms ('' = Redis TIME; tests only), [2] task_id, [3] due member,
---   [4] max_interval_ms, [5] buffer_size, [6] session_ttl_ms, [7] events channel.
+--   [4] max_interval_ms, [5] buffer_size, [6] session_ttl_ms, [7] events channel,
+--   [8] conn_stale_ms (common.lua; '' or absent: none).
 -- Returns {seq or 0, due_ms or 0}: the held event committed now, or, when it
 -- is not due yet, the time it will be (the due set then says so too).
 -- Idempotent: nothing held (delivered, discarded, flushed already, session
@@ -12,6 +13,7 @@ local now = clock_ms(ARGV[1])
 local task_id, member = ARGV[2], ARGV[3]
 local max_interval = tonumber(ARGV[4])
 local buffer_size = tonumber(ARGV[5])
+conn_stale_ms = tonumber(ARGV[8]) or 0
 
 local epoch = redis.call('HGET', K_META, 'epoch')
 local raw = epoch and redis.call('HGET', K_TASKS, task_id)

@@ -1,11 +1,13 @@
 -- publish: one batch of events into one session, atomically (common.lua first).
--- KEYS[1..7] session keys (common.lua), KEYS[8] the global due set.
+-- KEYS[1..7] session keys (common.lua), KEYS[8] the global due set, KEYS[9] the query lock.
 -- ARGV: [1] now_ms ('' = Redis TIME; tests only), [2] candidate epoch,
 --   [3] buffer_size, [4] dedup_window_ms, [5] min_delta, [6] max_interval_ms,
 --   [7] session_ttl_ms, [8] events channel, [9] due member prefix ("<sid>\n"),
 --   [10] n, then per event 6 values: event_id, type, task_id ('' if none),
 --   progress (text, '' if none), current_action ('' for none, else '=' .. text),
---   event JSON.
+--   event JSON; after them [11 + 6n] conn_stale_ms (common.lua; '' or 0: none),
+--   [12 + 6n] a query lock id to release with this batch ('' = none: the batch
+--   ends that query, so the next one may start once its end is committed, not before).
 -- Returns {seqs (0 = null), held {task_id, due_ms, ...}, throttled, received, now_ms}.
 --
 -- Per event, in order, exactly as the memory backend (actors/session.py
@@ -25,6 +27,8 @@ local ttl = tonumber(ARGV[7])
 local channel = ARGV[8]
 local due_prefix = ARGV[9]
 local n = tonumber(ARGV[10])
+conn_stale_ms = tonumber(ARGV[11 + n * 6]) or 0
+local release_query = ARGV[12 + n * 6] or ''
 
 local epoch = session_epoch(ARGV[2], now)
 
@@ -179,4 +183,7 @@ end
 redis.call('HSET', K_META, 'last_event_ms', now)
 finish_commits(epoch, channel)
 expire_session(ttl)
+if release_query ~= '' and KEYS[9] and redis.call('GET', KEYS[9]) == release_query then
+  redis.call('DEL', KEYS[9])
+end
 return {seqs, held, throttled, received, now}
