@@ -20,6 +20,7 @@ from handlers.sse import EventStreamHandler, ResearchEventStreamHandler
 from handlers.static import StaticHandler, static_routes
 from handlers.stats import StatsHandler
 from handlers.ws import BrokerWebSocket, ResearchWebSocket
+from handlers.ws_publish import PublishWebSocket
 
 #: The server's limit on a request body read whole: GET and DELETE (which need
 #: none) and the small publish bodies that `SmallBody` routes to a buffered
@@ -47,6 +48,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
             (session_events, PublishHandler, deps),
             tornado.routing.Rule(SmallBody(r"/api/events", broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
             (r"/api/events", PublishHandler, deps),
+            (r"/ws/publish", PublishWebSocket, deps),
             (r"/ws/research/([^/]+)", ResearchWebSocket, deps),
             (r"/ws", BrokerWebSocket, deps),
             (r"/sse/research/([^/]+)", ResearchEventStreamHandler, deps),
