@@ -136,6 +136,26 @@ class _Publish:
         self.events = events
 
 
+class _Run:
+    """Good frames read one after another, to be published as one batch (at most MAX_BATCH_EVENTS events)."""
+
+    __slots__ = ("events", "frames", "new_sessions")
+
+    def __init__(self) -> None:
+        self.frames: list[_Publish] = []
+        self.events = 0
+        #: sessions this process does not hold yet that the run's events will create
+        self.new_sessions: set[str] = set()
+
+    def takes(self, frame: _Publish) -> bool:
+        return self.events + len(frame.events) <= MAX_BATCH_EVENTS
+
+    def add(self, frame: _Publish, broker: Broker) -> None:
+        self.frames.append(frame)
+        self.events += len(frame.events)
+        self.new_sessions.update(e["session_id"] for e in frame.events if not broker.session_exists(e["session_id"]))
+
+
 class PublisherActor(LoopActor):
     """The broker's handle on one publish socket, in `Broker.connections`.
 
@@ -290,27 +310,29 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     async def _answer_some(self) -> None:
         """Check every queued frame, publish each run of good ones with one `Broker.publish`, answer all."""
         ready: list[bytes] = []
-        run: list[_Publish] = []
-        run_events = 0
+        run = _Run()
         while self._queue:
-            outcome = self._check(self._queue.popleft())
-            if isinstance(outcome, _Publish) and run_events + len(outcome.events) <= MAX_BATCH_EVENTS:
-                run.append(outcome)
-                run_events += len(outcome.events)
+            outcome = self._check(self._queue.popleft(), run.new_sessions)
+            if isinstance(outcome, _Publish) and run.takes(outcome):
+                run.add(outcome, self.broker)
                 continue
-            if run:  # the run ends here: publish it before answering what follows
-                ready += await self._publish(run)
-                run, run_events = [], 0
+            if run.frames:  # the run ends here: publish it before answering what follows
+                ready += await self._publish(run.frames)
+                run = _Run()
             if isinstance(outcome, _Publish):
-                run, run_events = [outcome], len(outcome.events)
+                run.add(outcome, self.broker)
             else:
                 ready.append(outcome)
-        if run:
-            ready += await self._publish(run)
+        if run.frames:
+            ready += await self._publish(run.frames)
         self._write_answers(ready)
 
-    def _check(self, data: bytes) -> _Publish | bytes:
-        """A frame's checks, in the order `POST /api/events` makes them; its refusal answer, or what to publish."""
+    def _check(self, data: bytes, new_sessions: set[str]) -> _Publish | bytes:
+        """A frame's checks, in the order `POST /api/events` makes them; its refusal answer, or what to publish.
+
+        `new_sessions` are the sessions the frames ahead of it (not yet
+        published) will create: max_sessions counts them as created.
+        """
         ref = _NO_REF
         try:
             settings = self.broker.settings
@@ -323,7 +345,7 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
             if len(items) > MAX_BATCH_EVENTS:
                 self.broker.stats.refused("max_batch_events")
             events = normalize_events(items, session_id=None, now=time.time())
-            refusal = self.broker.admit_sessions({event["session_id"] for event in events})
+            refusal = self.broker.admit_sessions({event["session_id"] for event in events} | new_sessions)
             if refusal is not None:
                 raise FrameRefused(503, refusal)
         except FrameRefused as exc:

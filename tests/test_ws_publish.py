@@ -179,6 +179,29 @@ async def test_2000_pipelined_frames_are_all_answered_in_order(publishers, conne
         assert [m["task_id"] for m in received] == [f"t{i}" for i in range(index, 2000, 3)]
 
 
+async def test_pipelined_good_and_bad_frames_are_each_answered_in_order(publishers, connect):
+    follower, _ = await connect("mix", research=True)
+    publisher = await publishers()
+    frames = [
+        {"ref": 0, "events": [started("mix", "a")]},
+        {"ref": 1, "events": [started("mix", "b"), started("mix", "c")]},
+        {"ref": 2, "events": [{"type": "task_started", "session_id": "mix"}]},  # no task_id: 422
+        b"not json",
+        {"ref": 4, "events": [started("mix", "d")]},
+    ]
+    for frame in frames:  # all sent before the server reads any
+        publisher.send(frame)
+    answers = await publisher.answers(5)
+    assert [(a.get("ref"), a["type"], a.get("seq"), a.get("status")) for a in answers] == [
+        (0, "accepted", [1], None),
+        (1, "accepted", [2, 3], None),
+        (2, "error", None, 422),
+        (None, "error", None, 400),
+        (4, "accepted", [4], None),
+    ]
+    assert [m["task_id"] for m in await session_messages(follower, 4)] == ["a", "b", "c", "d"]
+
+
 async def test_the_same_event_id_twice_is_answered_with_the_same_seq_and_delivered_once(
     publishers, connect, http_server_client
 ):
@@ -284,6 +307,19 @@ async def test_a_frame_past_max_sessions_is_503_as_the_post(publishers, http_ser
     assert (status, expected) == (503, {"error": "too many sessions"})
     assert await publisher.exchange(body) == as_ws_error(503, expected, "r")
     code, _ = await session_info(http_server_client, "two")
+    assert code == 404
+
+
+@pytest.mark.memory_only("a Redis node holds no sessions of its own, so max_sessions never refuses a publish there")
+@with_settings(max_sessions=2)
+async def test_pipelined_frames_count_the_sessions_the_frames_ahead_will_create(publishers, http_server_client):
+    publisher = await publishers()
+    for name in ("one", "two", "one", "three"):  # read together, published as one run
+        publisher.send({"ref": name, "events": [started(name)]})
+    answers = await publisher.answers(4)
+    assert [a["type"] for a in answers] == ["accepted", "accepted", "accepted", "error"]
+    assert answers[3] == as_ws_error(503, {"error": "too many sessions"}, "three")
+    code, _ = await session_info(http_server_client, "three")
     assert code == 404
 
 
