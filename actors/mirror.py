@@ -18,6 +18,13 @@ Ordering rules:
   while the missing range is read back from the store (`fill`); so does
   everything after a `Resync` (the node's subscription was restored). What
   the store evicted meanwhile reaches each connection as a `gap`.
+* A new life: the store's epoch is not the mirror's (Redis lost its data, or
+  a deletion and a new start happened while this node was not hearing) or
+  the session is gone from the store altogether (then it is made again, as a
+  first connection would). Every connection stays open and is told as a
+  client coming back with the old epoch is (PROTOCOL section 3): a `gap`
+  from 1 with the new epoch, then the new history. A deletion this node
+  hears (`SessionDeleted`) closes the session as ever.
 
 The actor lives while this node has connections to the session: the
 session's expiry is the store's.
@@ -32,6 +39,7 @@ from actors.messages import (
     CloseConnection,
     Committed,
     Frame,
+    HistorySlice,
     Loaded,
     LoadFailed,
     MissedLoaded,
@@ -64,6 +72,8 @@ class MirrorSessionActor(SessionActor):
         self.pending: dict[str, tuple[Attach, int]] = {}
         #: messages ahead of the mirror's newest seq, waiting for a hole to be filled
         self.early: dict[int, Frame] = {}
+        #: messages of a new life (another epoch) heard before the mirror learnt of it, by epoch
+        self.next_life: dict[str, dict[int, Frame]] = {}
         self.filling = False
         self.queries = QueryRunner(session_id, self.actor_ref, self._publish_own, self.clock)
 
@@ -109,8 +119,7 @@ class MirrorSessionActor(SessionActor):
             return
         self.filling = False
         if part.epoch != self.epoch:
-            self.log.info("mirror_epoch_changed", old=self.epoch, new=part.epoch)
-            self.close()  # the session was deleted and made afresh: its clients start over
+            self._new_life(part)
             return
         head = self.history.last_seq
         if part.first_seq > head + 1:  # evicted while this node was not hearing: each client is told
@@ -134,10 +143,36 @@ class MirrorSessionActor(SessionActor):
         else:
             self.resync()
 
+    def _new_life(self, part: HistorySlice) -> None:
+        """The store's history started afresh: every connection hears a gap from 1, then the new history."""
+        if not part.epoch:  # gone from the store (its data was lost): made again, as a first connection does
+            self.log.warning("mirror_session_lost", epoch=self.epoch)
+            self.filling = True
+            self.backend.open(self.session_id, self.actor_ref)
+            return
+        self.log.warning("mirror_epoch_changed", old=self.epoch, new=part.epoch)
+        before = len(self.history)
+        self.epoch = part.epoch
+        self.early = self.next_life.pop(part.epoch, {})
+        self.next_life.clear()
+        self.history.restart(part.first_seq - 1)
+        self.stats.buffered_changed(before, 0)
+        gap = gap_frame(1, None, self.epoch)
+        for member in list(self.members.values()):
+            self._tell(member, gap)
+        for frame in part.frames:
+            self.early.setdefault(frame.seq or 0, frame)
+        self._apply_early()
+
     def committed(self, message: Committed) -> None:
         if self.loaded and message.epoch != self.epoch:
-            self.log.info("mirror_epoch_changed", old=self.epoch, new=message.epoch)
-            self.close()
+            # A life this mirror does not know yet: keep what it says, learn the life from the store.
+            later = self.next_life.setdefault(message.epoch, {})
+            for frame in message.frames:
+                later.setdefault(frame.seq or 0, frame)
+            if not self.filling:
+                self.filling = True
+                self.backend.fill(self.session_id, 0, self.actor_ref)
             return
         for frame in message.frames:
             if frame.seq is not None and frame.seq > self.history.last_seq:

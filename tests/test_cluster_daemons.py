@@ -43,7 +43,7 @@ from tornado.httpclient import HTTPClientError
 from broker.testing import WebSocketClient
 from tests.support.daemon import BrokerProcess, settings_env
 from tests.support.redis import RedisServer
-from tests.support.wire import get_json, post_events, post_json, session_info, stats
+from tests.support.wire import get_json, metrics, post_events, post_json, session_info, stats
 
 #: backend_check_interval of every node: heartbeat, canary and stats sync this often.
 CHECK = 0.3
@@ -163,6 +163,17 @@ def cluster(tmp_path: Path, redis_server: RedisServer) -> Iterator[Cluster]:
     nodes = Cluster(tmp_path / "nodes", redis_server)
     yield nodes
     nodes.stop()
+
+
+@pytest.fixture
+def durable_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of the test's own on a Redis with persistence (appendonly yes, appendfsync always)."""
+    redis = RedisServer(tmp_path / "redis", persist=True)
+    (tmp_path / "redis").mkdir()
+    nodes = Cluster(tmp_path / "nodes", redis.start())
+    yield nodes
+    nodes.stop()
+    redis.stop()
 
 
 # -- the shared cluster ------------------------------------------------------------------
@@ -798,3 +809,120 @@ async def test_restarting_every_node_keeps_the_epoch_and_the_history(cluster):
     history = await session_messages_of(page, last)
     assert [m["seq"] for m in history] == list(range(1, last + 1))
     assert sorted(m["n"] for m in history) == list(range(1, publisher.sent + 1))
+
+
+# -- Redis unavailable ----------------------------------------------------------------------
+
+
+async def readyz_everywhere(nodes: list[Node], code: int, what: str, timeout: float = WAIT) -> None:
+    for node in nodes:
+        await poll(node.readyz, lambda answer: answer == code, f"{node.node_id}: {what}", timeout)
+
+
+async def handshake_refused(node: Node, session_id: str) -> int:
+    """The status a new WebSocket handshake is refused with (the test fails if it is accepted)."""
+    with pytest.raises(HTTPClientError) as refused:
+        client = await node.ws(session_id)
+        client.close()
+    return refused.value.code
+
+
+async def outage_checks(nodes: list[Node], followers: list[Follower]) -> None:
+    """While Redis cannot be reached: /readyz 503, handshakes 503, open connections open with keepalives."""
+    await readyz_everywhere(nodes, 503, "not ready without Redis")
+    for node in nodes:
+        assert await handshake_refused(node, "during-the-outage") == 503
+        await poll(lambda node=node: metrics(node), lambda m: m.value("broker_redis_reachable") == 0, "unreachable")
+        # Known unreachable: a publish is refused whole, at once, and nothing of it is published.
+        response = await post_events(node, "refused-whole", ticks(1, 2))
+        assert (response.code, orjson.loads(response.body)) == (503, {"error": "backend unavailable"})
+    since = time.monotonic()
+    for follower in followers:
+        await follower._until(lambda f=follower: any(t > since for t in f.keepalives), "a keepalive meanwhile", 5)
+
+
+async def test_redis_stopped_while_clients_are_connected_and_publishers_retry(cluster, redis_server):
+    a, b = await cluster.start("a", "b")
+    live = lambda: [a, b]  # noqa: E731
+    followers = [Follower(cluster, live, "hang").start(node) for node in (a, b)]
+    followers.append(Follower(cluster, live, "hang", research=True).start(b))
+    for follower in followers:
+        await follower.connected()
+    publisher = Publisher(live, "hang")
+    await publisher.publish(30)
+    publishing = asyncio.ensure_future(publisher.publish(60))  # goes on through the outage, retrying
+    await followers[0].reached(40)
+    redis_server.pause()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        await outage_checks([a, b], followers)
+    finally:
+        redis_server.resume()
+    await readyz_everywhere([a, b], 200, "ready again")
+    await publishing
+    await publisher.publish(10)
+    assert any(code == 503 for _, code in publisher.refusals), "the publisher never met the outage"
+    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+    for follower in followers:
+        await follower.reached(last)
+        check_exactly_once(follower, publisher)
+        assert follower.gaps == [] and len(follower.greetings) == 1  # caught up on the connection it had
+    for node in (a, b):
+        assert (await session_info(node, "refused-whole"))[0] == 404
+
+
+async def test_redis_killed_and_restarted_with_persistence_loses_nothing_accepted(durable_cluster):
+    redis = durable_cluster.redis
+    a, b = await durable_cluster.start("a", "b")
+    live = lambda: [a, b]  # noqa: E731
+    followers = [Follower(durable_cluster, live, "durable").start(node) for node in (a, b)]
+    followers.append(Follower(durable_cluster, live, "durable", research=True).start(a))
+    for follower in followers:
+        await follower.connected()
+    epoch = followers[0].greetings[0]["epoch"]
+    publisher = Publisher(live, "durable")
+    await publisher.publish(30)
+    publishing = asyncio.ensure_future(publisher.publish(60))
+    await followers[0].reached(40)
+    redis.stop()  # SIGKILL
+    try:
+        await outage_checks([a, b], followers)
+    finally:
+        redis.start()  # the same port and directory: the append-only file brings the data back
+    await readyz_everywhere([a, b], 200, "ready again")
+    await publishing
+    await publisher.publish(10)
+    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+    for follower in followers:
+        await follower.reached(last)
+        check_exactly_once(follower, publisher)
+        assert follower.gaps == [] and len(follower.greetings) == 1
+        assert {m["epoch"] for m in follower.messages} == {epoch}
+
+
+async def test_redis_restarted_without_persistence_starts_the_session_afresh_for_open_connections(
+    cluster, redis_server
+):
+    a, b = await cluster.start("a", "b")
+    on_a, hello = await cluster.connect(a, "amnesia")
+    page, _ = await cluster.connect(b, "amnesia", research=True)
+    await a.publish("amnesia", *ticks(1, 3))
+    for client in (on_a, page):
+        assert [m["seq"] for m in await session_messages_of(client, 3)] == [1, 2, 3]
+    redis_server.stop()
+    await readyz_everywhere([a, b], 503, "not ready without Redis")
+    redis_server.start()  # empty: without persistence Redis lost every session
+    await readyz_everywhere([a, b], 200, "ready again")
+    # Each open connection is told its seqs no longer apply (a gap from 1, the new epoch) and stays open.
+    gaps = [await next_of(client, "gap") for client in (on_a, page)]
+    new_epoch = gaps[0]["epoch"]
+    assert new_epoch != hello["epoch"]
+    assert [(g["from_seq"], g["to_seq"], g["epoch"]) for g in gaps] == [(1, None, new_epoch)] * 2
+    assert await b.publish("amnesia", *ticks(4, 2)) == [1, 2]
+    for client in (on_a, page):
+        fresh = await session_messages_of(client, 2)
+        assert [(m["seq"], m["n"], m["epoch"]) for m in fresh] == [(1, 4, new_epoch), (2, 5, new_epoch)]
+    # A client coming back with the old epoch gets the same notice, then the new history.
+    back, greeting = await cluster.connect(b, "amnesia", last_seq=3, epoch=hello["epoch"])
+    assert greeting["epoch"] == new_epoch
+    assert (await next_of(back, "gap"))["from_seq"] == 1
+    assert [m["n"] for m in await session_messages_of(back, 2)] == [4, 5]
