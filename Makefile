@@ -26,10 +26,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-## Fan-out benchmark: actor-broker against a bare Tornado fan-out (a few minutes; bench/README.md).
-bench: $(STAMP)
+## Fan-out benchmark: actor-broker (memory, Redis, two nodes) against bare Tornado, FastAPI and Node ws (bench/README.md).
+$(VENV)/.bench-installed: $(STAMP) setup.cfg
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	@test -d bench/loadgen/node_modules/ws || (cd bench/loadgen && npm ci --no-audit --no-fund)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 ## Actor runtime micro-benchmark (about a minute).
 bench-actors: $(STAMP)

@@ -4,7 +4,7 @@
 //
 //   node loadgen.js '<config json>'
 //
-// config: {base: "ws://127.0.0.1:P/ws/research/", query: "?replay=none",
+// config: {bases: ["ws://127.0.0.1:P/ws/research/", ...], query: "?replay=none",
 //          warm: {session, clients}, sessions: [ids], perSession: n,
 //          latency: bool, warmupEvents: i, connectConcurrency: k,
 //          churn: {concurrency, minMs, maxMs, sessions: [ids]}}
@@ -21,6 +21,8 @@
 // not seen before is out of order, and at the end every seq after last_seq up
 // to the session's last one (a client that stays) or up to the highest it saw
 // (a client that left early) must have arrived, or it is lost.
+// With several bases (nodes of one cluster), client i connects to bases[i % n]
+// and a churning client to a random one.
 // Times are ms since the Unix epoch from a monotonic clock
 // (performance.timeOrigin + performance.now()), comparable with Python's
 // time.time() * 1000 on the same machine.
@@ -30,6 +32,7 @@ const { performance } = require('perf_hooks');
 const readline = require('readline');
 
 const cfg = JSON.parse(process.argv[2]);
+const bases = cfg.bases || [cfg.base];
 const now = () => performance.timeOrigin + performance.now();
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
 
@@ -108,8 +111,9 @@ class Seen {
 }
 
 class Client {
-  constructor(session, stable) {
+  constructor(session, stable, base) {
     this.session = session;
+    this.baseUrl = base;
     this.stable = stable;
     this.base = null; // last_seq of the greeting
     this.seen = new Seen();
@@ -122,7 +126,7 @@ class Client {
   open() {
     return new Promise((resolve) => {
       this.greeted = resolve;
-      const ws = new WebSocket(cfg.base + encodeURIComponent(this.session) + (cfg.query || ''), {
+      const ws = new WebSocket(this.baseUrl + encodeURIComponent(this.session) + (cfg.query || ''), {
         perMessageDeflate: false,
         skipUTF8Validation: true, // the servers are trusted; spare the load generator
       });
@@ -231,7 +235,7 @@ async function openAll(specs, concurrency) {
   async function worker() {
     while (next < specs.length) {
       const i = next++;
-      const c = new Client(specs[i], true);
+      const c = new Client(specs[i], true, bases[i % bases.length]);
       clients[i] = c;
       await c.open();
     }
@@ -294,7 +298,7 @@ async function churnLoop() {
   while (churnLeft > 0) {
     churnLeft -= 1;
     const session = ch.sessions[Math.floor(Math.random() * ch.sessions.length)];
-    const c = new Client(session, false);
+    const c = new Client(session, false, bases[Math.floor(Math.random() * bases.length)]);
     churnStats.opened += 1;
     const ok = await c.open();
     if (ok) {
