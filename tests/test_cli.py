@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,8 +234,16 @@ def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
             return exc.code, exc.read()
 
 
-def start_daemon(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, **env: str) -> str:
-    """Start `python -m broker serve` on a free port; its base URL once /healthz answers."""
+def start_daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    started: list[subprocess.Popen[bytes]] | None = None,
+    **env: str,
+) -> str:
+    """Start `python -m broker serve` on a free port; its base URL once /healthz answers.
+
+    The process is appended to `started`, when given (to signal it).
+    """
     port = free_port()
     log_path = tmp_path_factory.mktemp("daemon") / "daemon.log"
     log = log_path.open("wb")
@@ -244,6 +254,8 @@ def start_daemon(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    if started is not None:
+        started.append(process)
 
     def stop() -> None:
         process.terminate()
@@ -341,3 +353,115 @@ def test_stats_and_publish_report_an_unreachable_daemon():
         assert result.returncode == 1
         assert result.stderr.startswith(f"actor-broker: cannot reach {url}/")
         assert len(result.stderr.splitlines()) == 1
+
+
+# -- publish --stdin: NDJSON over /ws/publish --------------------------------------------------
+
+
+def publish_stdin(
+    url: str, lines: list[str], *args: str, env: dict[str, str] | None = None
+) -> tuple[int, list[Any], str]:
+    """Run `publish --stdin` with these lines on stdin: (exit code, the answers printed, stderr)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "publish", "--stdin", *args, "--url", url],
+        cwd=ROOT,
+        env=env or clean_env(),
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_publish_stdin_prints_one_answer_per_line_in_order(daemon):
+    lines = [
+        json.dumps({"type": "task_started", "task_id": "t1"}),  # the session from the command line
+        "",  # blank: skipped, no answer
+        json.dumps({"type": "task_started", "task_id": "t1", "session_id": "cli-stdin-other"}),
+        "not json",
+        json.dumps({"type": "task_progress", "task_id": "t1", "progress": 500}),
+        json.dumps([{"type": "task_started", "task_id": "t9"}]),  # one event per line: an array is refused
+        json.dumps({"type": "task_completed", "task_id": "t1"}),
+    ]
+    code, answers, stderr = publish_stdin(daemon, lines, "cli-stdin")
+    assert code == 1, stderr  # some lines were refused
+    assert [(a["ref"], a["type"], a.get("status"), a.get("seq")) for a in answers] == [
+        (1, "accepted", None, [1]),
+        (3, "accepted", None, [1]),
+        (4, "error", 400, None),
+        (5, "error", 422, None),
+        (6, "error", 422, None),
+        (7, "accepted", None, [2]),
+    ]
+    assert answers[3]["details"][0]["field"] == "progress"
+    status, body = get(f"{daemon}/api/sessions/cli-stdin")
+    assert status == 200 and json.loads(body)["last_seq"] == 2
+    status, body = get(f"{daemon}/api/sessions/cli-stdin-other")
+    assert status == 200 and json.loads(body)["last_seq"] == 1
+
+
+def test_publish_stdin_of_many_lines_exits_0_with_every_seq_in_order(daemon):
+    lines = [json.dumps({"type": "task_started", "task_id": f"t{i}"}) for i in range(1500)]
+    code, answers, stderr = publish_stdin(daemon, lines, "cli-stdin-many")
+    assert (code, stderr) == (0, "")
+    assert [a["ref"] for a in answers] == list(range(1, 1501))
+    assert [a["seq"] for a in answers] == [[i] for i in range(1, 1501)]
+
+
+def test_publish_stdin_sends_the_api_key(keyed_daemon):
+    line = [json.dumps({"type": "session_started", "session_id": "cli-stdin-keyed"})]
+    code, answers, stderr = publish_stdin(keyed_daemon, line)
+    assert code == 1 and answers == [{"error": "an API key is required: send 'Authorization: Bearer KEY'"}]
+    assert stderr.strip().endswith("/ws/publish answered 401")
+    code, _, stderr = publish_stdin(keyed_daemon, line, "--api-key", "k2")
+    assert code == 1 and "answered 403" in stderr
+    code, answers, stderr = publish_stdin(keyed_daemon, line, env=clean_env(BROKER_API_KEY="k1"))
+    assert (code, [a["type"] for a in answers]) == (0, ["accepted"]), stderr
+
+
+def test_publish_stdin_takes_no_type_and_publish_without_it_needs_one():
+    for args in (["publish", "--stdin", "s1", "task_started"], ["publish", "--stdin", "s1", "a=1"], ["publish", "s1"]):
+        result = run(*args)
+        assert result.returncode == 2, (args, result)
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("actor-broker: publish")
+
+
+def test_publish_stdin_reports_an_unreachable_daemon():
+    url = f"http://127.0.0.1:{free_port()}"
+    code, answers, stderr = publish_stdin(url, ['{"type": "session_started"}'], "s1", "--timeout", "2")
+    assert (code, answers) == (1, [])
+    assert stderr.startswith("actor-broker: cannot reach ws://127.0.0.1:") and len(stderr.splitlines()) == 1
+
+
+def test_publish_stdin_hears_the_daemons_shutdown_after_its_answers(tmp_path_factory, request):
+    """SIGTERM with a publisher connected: the answers it is owed, `server_shutdown`, close 1001; exit 1."""
+    started: list[subprocess.Popen[bytes]] = []
+    url = start_daemon(tmp_path_factory, request, started)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "broker", "publish", "--stdin", "cli-stdin-drain", "--url", url],
+        cwd=ROOT,
+        env=clean_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    request.addfinalizer(cli.kill)
+    assert cli.stdin is not None and cli.stdout is not None
+    for i in range(3):
+        cli.stdin.write(json.dumps({"type": "task_started", "task_id": f"t{i}"}) + "\n")
+    cli.stdin.flush()
+    answers = [json.loads(cli.stdout.readline()) for _ in range(3)]  # each line answered while stdin stays open
+    assert [a["seq"] for a in answers] == [[1], [2], [3]]
+    started[0].send_signal(signal.SIGTERM)
+    assert started[0].wait(timeout=30) == 0  # the drain waited for the publisher's close, then exited
+    _, stderr = cli.communicate(timeout=30)
+    assert cli.returncode == 1
+    lines = stderr.splitlines()
+    assert json.loads(lines[0].removeprefix("actor-broker: the daemon says: "))["type"] == "server_shutdown"
+    assert lines[1] == (
+        "actor-broker: the daemon closed the connection (1001 server shutdown) before the end of stdin; "
+        "0 lines not answered"
+    )
