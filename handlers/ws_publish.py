@@ -354,6 +354,9 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
             return self._refuse(ref, FrameRefused(422, str(exc), exc.details))
         except BadRequest as exc:
             return self._refuse(ref, FrameRefused(400, str(exc)))
+        except Exception:  # a bug, not an answer: logged once, answered as HTTP would (500); the socket lives on
+            log.exception("publish_frame_failed", connection_id=self.connection_id, frames=1)
+            return self._refuse(ref, FrameRefused(500, "internal server error"))
         return _Publish(ref, events)
 
     def _refuse(self, ref: Any, refusal: FrameRefused) -> bytes:
