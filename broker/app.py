@@ -10,8 +10,8 @@ from broker.logs import log_request
 from broker.metrics import broker_registry
 from handlers.base import ApiHandler
 from handlers.body import SmallBody
+from handlers.fast_publish import PublishApplication
 from handlers.health import HealthzHandler, ReadyzHandler
-from handlers.hosts import HostCheckedApplication
 from handlers.metrics import MetricsHandler
 from handlers.publish import PublishHandler, SmallPublishHandler
 from handlers.research import BroadcastHandler, ResearchStartHandler
@@ -42,7 +42,9 @@ def make_app(broker: Broker) -> tornado.web.Application:
     # Tornado tries the rules in order, one regex each: publishing (the hot
     # path) comes first, then the WebSocket and SSE handshakes. No two paths overlap.
     # Every route is behind the allowed_hosts check (421), WebSocket and SSE handshakes too.
-    return HostCheckedApplication(
+    # The plain publishes are answered before any of this (handlers/fast_publish.py); the rest,
+    # refusals included, by the handlers below.
+    return PublishApplication(
         [
             tornado.routing.Rule(SmallBody(session_events, broker, SERVER_MAX_BODY), SmallPublishHandler, deps),
             (session_events, PublishHandler, deps),
@@ -65,6 +67,7 @@ def make_app(broker: Broker) -> tornado.web.Application:
             *((route, StaticHandler, {**deps, "file": file}) for route, file in static_routes()),
         ],
         broker=broker,
+        server_max_body=SERVER_MAX_BODY,
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
         log_function=log_request,

@@ -19,6 +19,7 @@ import structlog
 
 from actors.connection import ConnectionActor
 from actors.directory import SessionDirectory
+from actors.inbox import Inbox
 from actors.lease import TokenLease
 from actors.messages import (
     FOLLOW_SETTINGS,
@@ -148,6 +149,33 @@ class Broker:
         for indexes, reply in zip(by_session.values(), replies, strict=True):
             for index, seq in zip(indexes, await resolve(reply), strict=True):
                 seqs[index] = seq
+        return seqs
+
+    def publish_now(self, events: list[dict[str, Any]]) -> list[int | None] | None:
+        """The seqs of validated events published before this returns; None: `await publish(events)` instead.
+
+        On the memory backend, events for one session whose actor is idle
+        (started, nothing in its mailbox, not in a turn) are handled here and
+        now, on the loop thread, exactly as the dispatcher would handle the
+        `Publish` on its next turn: the same message, the same answer, without
+        the ask's future and the loop turns between it and the 202 (issue 14).
+        Anything else returns None: a cluster (the publish is a Redis round
+        trip), a session that is new, busy or closing, several sessions,
+        another thread. Not to be called from inside an actor's turn.
+        """
+        if self.cluster is not None or not events or not self._dispatcher.on_thread():
+            return None
+        session_id = events[0]["session_id"]
+        if len(events) > 1 and any(event["session_id"] != session_id for event in events):
+            return None
+        ref = self.directory.get(session_id)
+        inbox = ref.actor_inbox if ref is not None else None
+        if not isinstance(inbox, Inbox) or inbox.scheduled or inbox.queue:
+            return None
+        actor = inbox.actor
+        if not isinstance(actor, SessionActor) or actor.closing or actor.actor_stopped.is_set():
+            return None
+        seqs: list[int | None] = actor.on_receive(Publish(events))
         return seqs
 
     async def publish_events(self, *events: dict[str, Any]) -> list[int | None]:
@@ -289,11 +317,12 @@ class Broker:
         self.stats.refused(limit)
         return why
 
-    def admit_sessions(self, session_ids: Iterable[str]) -> str | None:
-        """Why publishing to these sessions must be refused (503), or None."""
+    def admit_sessions(self, session_ids: Iterable[str], *, count: bool = True) -> str | None:
+        """Why publishing to these sessions must be refused (503), or None; the refusal counted unless not `count`."""
         new = sum(1 for sid in set(session_ids) if not self.session_exists(sid))
         if new and len(self.directory) + new > self.settings.max_sessions:
-            self.stats.refused("max_sessions")
+            if count:
+                self.stats.refused("max_sessions")
             return "too many sessions"
         return None
 

@@ -282,6 +282,7 @@ def normalize_events(
     session_id: str | None,
     now: float,
     new_id: Callable[[], str] | None = None,
+    owned: bool = False,
 ) -> list[dict[str, Any]]:
     """Validate a batch and return new event dicts ready to publish.
 
@@ -290,7 +291,11 @@ def normalize_events(
     event names its own. Every problem of every item is collected before one
     `ValidationFailed` is raised, so a publisher fixes a batch in one round
     trip. Ids are generated only once the whole batch is known to be good.
-    The input is never mutated: the caller may still log or retry it.
+    The input is never mutated (the caller may still log or retry it) unless
+    the caller gives the items up with `owned=True` (they were parsed from a
+    body for this call alone): then the valid items are completed in place and
+    returned, and no copy is made only to be dropped. A batch that fails is
+    never touched either way.
     """
     _check_batch_size(items)
     if session_id is not None and not SESSION_ID_RE.match(session_id):
@@ -304,7 +309,7 @@ def normalize_events(
         raise ValidationFailed(details)
     make_id = new_id or _default_id
     stamp = iso_timestamp(now)
-    return [_complete(item, session_id, stamp, make_id) for item in items]
+    return [_complete(item if owned else dict(item), session_id, stamp, make_id) for item in items]
 
 
 def _check_batch_size(items: list[Any]) -> None:
@@ -458,17 +463,16 @@ def _deeper_than(value: dict[str, Any] | list[Any], levels: int) -> bool:
 
 
 def _complete(
-    item: Mapping[str, Any],
+    event: dict[str, Any],
     path_session: str | None,
     stamp: str,
     make_id: Callable[[], str],
 ) -> dict[str, Any]:
-    """A copy of a valid item with the envelope fields it left out filled in.
+    """A valid item (a copy, or one the caller owns) with the envelope fields it left out filled in.
 
     Input order is kept and generated fields go last, so what a client
     receives reads like what the publisher wrote.
     """
-    event = dict(item)
     if "event_id" not in event:
         event["event_id"] = make_id()
     if "correlation_id" not in event:

@@ -135,12 +135,20 @@ class SmallBody(tornado.routing.PathMatches):
         matched = super().match(request)  # the path first: most requests stop here
         if matched is None:
             return None
-        headers = request.headers
-        length = headers.get("Content-Length")
-        if length is None or not (length.isascii() and length.isdigit()) or "Expect" in headers:
-            return None
-        if headers.get("Content-Type", "").startswith(_FORM_TYPES):
-            return None
-        if int(length) > min(self.server_limit, self.broker.settings.max_body_size):
+        if not read_whole(request.headers, min(self.server_limit, self.broker.settings.max_body_size)):
             return None
         return matched
+
+
+def read_whole(headers: tornado.httputil.HTTPHeaders, limit: int) -> bool:
+    """Whether a request with these headers may have its body read whole before it is answered (`SmallBody`).
+
+    Also the rule of the lean publish path (handlers/fast_publish.py), so both
+    take the same requests.
+    """
+    length = headers.get("Content-Length")
+    if length is None or not (length.isascii() and length.isdigit()) or "Expect" in headers:
+        return False
+    if headers.get("Content-Type", "").startswith(_FORM_TYPES):
+        return False
+    return int(length) <= limit

@@ -38,7 +38,7 @@ class _Publish(ApiHandler):
             items = parse_body(body, self.request.headers.get("Content-Type"))
             if len(items) > MAX_BATCH_EVENTS:
                 self.broker.stats.refused("max_batch_events")
-            events = normalize_events(items, session_id=session_id, now=time.time())
+            events = normalize_events(items, session_id=session_id, now=time.time(), owned=True)
         except ValidationFailed as exc:
             self.fail(422, str(exc), details=exc.details)
             return
