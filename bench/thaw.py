@@ -37,8 +37,8 @@ class _Target:
     port: int
 
     @property
-    def ws_base(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/research/"
+    def ws_bases(self) -> list[str]:
+        return [f"ws://127.0.0.1:{self.port}/ws/research/"]
 
     ws_query = "?replay=none"
 
