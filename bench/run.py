@@ -1014,6 +1014,7 @@ async def round_idle(dep: Deployment, n: int, p: dict[str, int], name: str = "id
         await asyncio.sleep(2.0)
         after = dep.rss_kib()
         counts = await dep.counts()
+        per_node = [(await server.counts())["connections"] for server in dep.servers]
         # now one event per session: each of the idle clients must get it exactly once
         window = CpuWindow(dep.cpu_pids(lg.pid))
         published = await publish_batches(dep.ports, sessions, 1, 1, 4)
@@ -1033,6 +1034,9 @@ async def round_idle(dep: Deployment, n: int, p: dict[str, int], name: str = "id
     expected = p["clients"] + p["warm_clients"]
     if counts["connections"] != expected:
         r.errors.append(f"server counts {counts['connections']} connections, {expected} are open")
+    r.notes["connections per node"] = per_node
+    if len(per_node) > 1 and min(per_node) < 0.45 * expected:  # clients spread over every node
+        r.errors.append(f"connections per node {per_node}: the clients are not spread over the nodes")
     return r
 
 
