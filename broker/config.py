@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -88,6 +89,8 @@ class Settings:
     log_format: str = "auto"
     shutdown_timeout: float = 30.0
     gc_thaw_interval: float = 600.0
+    #: the daemon's event loop: "uvloop" when importable ("auto"), or the one named
+    event_loop: str = "auto"
     #: sockets (docs/protocol.md section 5, "Sockets"): seconds for a request's headers,
     #: seconds an HTTP connection may sit idle, descriptors kept out of the budget, Host names served
     header_timeout: float = 10.0
@@ -119,8 +122,8 @@ ENV_ALIASES: Mapping[str, str] = MappingProxyType({
 })
 
 #: Keys a SIGHUP reload cannot apply: they are bound when the process starts
-#: (the listening socket, the message backend and its connection).
-RESTART_REQUIRED = frozenset({"host", "port", "backend", "redis_url", "node_id"})
+#: (the listening socket, the message backend and its connection, the event loop).
+RESTART_REQUIRED = frozenset({"host", "port", "backend", "redis_url", "node_id", "event_loop"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -224,6 +227,7 @@ _SPECS: Mapping[str, _Spec] = MappingProxyType({
     "log_format": _Spec("str", choices=("json", "console", "auto")),
     "shutdown_timeout": _FLOAT_POSITIVE,
     "gc_thaw_interval": _FLOAT_NON_NEGATIVE,  # 0 disables
+    "event_loop": _Spec("str", choices=("auto", "asyncio", "uvloop")),
     "header_timeout": _FLOAT_POSITIVE,
     "idle_timeout": _FLOAT_POSITIVE,
     "fd_reserve": _Spec("int", low=0),  # 0: no reserve, long-lived connections may take every descriptor
@@ -437,6 +441,11 @@ def _build(values: Mapping[str, Any]) -> Settings:
         raise ConfigError(
             "configuration: query_upstream_url: expected an http:// or https:// URL, "
             'required when query_backend is "http"'
+        )
+    if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(
+            'configuration: event_loop: expected "auto" or "asyncio" where uvloop is not installed '
+            '(pip install \'actor-broker[uvloop]\' for "uvloop"), got "uvloop"'
         )
     if settings.backend == "redis" and not settings.redis_url:
         raise ConfigError(

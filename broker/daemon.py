@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import tornado.web
@@ -49,9 +51,11 @@ from broker.listener import GuardedHTTPServer
 from broker.logs import configure_logging, set_level
 from broker.sdnotify import SdNotifier, watchdog_period
 
-__all__ = ["RECONNECT_AFTER_MS", "STATUS_INTERVAL", "Daemon", "serve"]
+__all__ = ["RECONNECT_AFTER_MS", "STATUS_INTERVAL", "Daemon", "event_loop_factory", "run_on_event_loop", "serve"]
 
 log = structlog.get_logger("actor_broker.daemon")
+
+T = TypeVar("T")
 
 #: How long clients are asked to wait before reconnecting after a shutdown:
 #: long enough for a restart under systemd, short enough not to be noticed.
@@ -131,6 +135,7 @@ class Daemon:
             frozen = freeze_startup()
             log.info(
                 "listening",
+                event_loop=loop_name(asyncio.get_running_loop()),
                 gc_frozen_objects=frozen,
                 host=settings.host,
                 port=self.port,
@@ -375,4 +380,38 @@ def serve(settings: Settings, config_path: str | None = None) -> int:
     it); the CLI resolves it from `--config` or `BROKER_CONFIG`.
     """
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(Daemon(settings, config_path).run())
+    return run_on_event_loop(Daemon(settings, config_path).run(), settings.event_loop)
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for the `event_loop` setting; None: asyncio's own loop.
+
+    uvloop is an optional extra (`pip install 'actor-broker[uvloop]'`), so it
+    is imported only here: "auto" takes it when it is installed, "uvloop"
+    needs it (broker.config refuses that setting at load when it is absent).
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run_on_event_loop(main: Coroutine[Any, Any, T], choice: str) -> T:
+    """`asyncio.run(main)` on the loop `choice` names (the `event_loop` setting).
+
+    The loop is made before Tornado's IOLoop exists: Tornado wraps whichever
+    asyncio loop is running when `Daemon.run` first asks for it.
+    """
+    with asyncio.Runner(loop_factory=event_loop_factory(choice)) as runner:
+        return runner.run(main)
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """The loop's name for the start-up log line: "uvloop" or "asyncio"."""
+    return "uvloop" if type(loop).__module__.split(".")[0] == "uvloop" else "asyncio"

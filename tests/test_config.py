@@ -8,6 +8,7 @@ the README's settings table cannot drift from that file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import tomllib
@@ -309,6 +310,8 @@ BAD_VALUES = [
     ("query_upstream_url", '"ftp://x"', "an http:// or https:// URL"),
     ("research_upstream_url", '"localhost:9000"', "an http:// or https:// URL"),
     ("redis_url", '"http://cache:6379"', "a redis://, rediss:// or unix:// URL"),
+    ("event_loop", '"tokio"', 'one of "auto", "asyncio", "uvloop"'),
+    ("event_loop", "1", "one of"),
     ("host", "1979-05-27", "a string"),
 ]
 
@@ -333,6 +336,7 @@ def test_a_bad_value_in_the_file_names_the_key_and_what_was_expected(write, key,
         ("BROKER_ALLOWED_ORIGINS", '{"a": 1}', "a list of strings"),
         ("BROKER_PRESETS", "[]", "a table"),
         ("BROKER_LOG_LEVEL", "loud", 'one of "debug"'),
+        ("BROKER_EVENT_LOOP", "libuv", 'one of "auto", "asyncio", "uvloop"'),
         ("WEBSOCKET_PORT", "99999", "an integer from 0 to 65535"),
         ("WEBSOCKET_CORS_ORIGINS", "https://a.example", "a list of strings as JSON"),
     ],
@@ -445,7 +449,33 @@ def test_reload_keeps_backend_and_redis_url():
     applied, pending = diff_for_reload(old, new)
     assert applied == old
     assert pending == ["backend", "redis_url"]
-    assert {"host", "port", "backend", "redis_url", "node_id"} == RESTART_REQUIRED
+    assert {"host", "port", "backend", "redis_url", "node_id", "event_loop"} == RESTART_REQUIRED
+
+
+def test_reload_keeps_the_event_loop():
+    """The loop runs the process: a changed event_loop waits for the restart, like the port."""
+    old = Settings()
+    applied, pending = diff_for_reload(old, old.replace(event_loop="asyncio"))
+    assert applied.event_loop == "auto"
+    assert pending == ["event_loop"]
+
+
+@pytest.mark.parametrize("choice", ["auto", "asyncio"])
+def test_event_loop_from_the_file_and_the_environment(write, choice):
+    assert load_settings(write(f'event_loop = "{choice}"\n'), env={}).event_loop == choice
+    assert load_settings(env={"BROKER_EVENT_LOOP": choice}).event_loop == choice
+
+
+def test_event_loop_uvloop_needs_uvloop_installed(write):
+    """With "uvloop": it loads where the package is installed; elsewhere start-up stops (exit 2) saying how."""
+    path = write('event_loop = "uvloop"\n')
+    if importlib.util.find_spec("uvloop") is not None:
+        assert load_settings(path, env={}).event_loop == "uvloop"
+        return
+    message = load_error(path)
+    assert message.startswith("configuration: event_loop: expected ")
+    assert "pip install 'actor-broker[uvloop]'" in message
+    assert load_error(env={"BROKER_EVENT_LOOP": "uvloop"}) == message
 
 
 def test_changed_keys_in_declaration_order():
