@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import structlog
 import tornado.websocket
 from pykka import ActorDeadError
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.websocket import WebSocketProtocol
 
 from actors.messages import ClientMessage, Frame, TransportClosed
 from actors.wire import CloseCode
@@ -41,6 +43,8 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
     # Ours in slots: Tornado's ~27 attributes then still fit a shared-key
     # instance dict (at most 30 keys), ~1.3 KiB less per connection.
     __slots__ = (
+        "_frames",
+        "_handshake",
         "_protocol_token",
         "_undecodable",
         "broker",
@@ -71,12 +75,23 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
         self.set_header("X-Request-ID", self._bind_request_id(bind_logs=False))
 
     def initialize(self, broker: Broker) -> None:
+        # Every instance attribute Tornado sets later, set now, while the first handler is being
+        # built: CPython 3.11 shares one key table among a class's instances only for keys added
+        # before ~30 instances exist, and a burst of handshakes (a reconnect storm) builds that
+        # many before any reaches `get`. A key added after that gives every handler a private
+        # dict (~0.9 KiB). tests/test_footprint.py opens such a burst on a fresh class.
+        self._transforms = self.path_args = self.path_kwargs = self.open_args = self.open_kwargs = None  # type: ignore[assignment]
+        self.ws_connection = self.close_code = self.close_reason = None
+        self._on_close_called = False
         self.broker = broker
         self.connection: OpenConnection | None = None
         self.session_id: str | None = None
         self.user_id: str | None = None
         self.transport: SocketTransport | None = None
         self._protocol_token: str | None = None
+        #: until `open`: what `get` waits for; then the task that reads the frames
+        self._handshake: asyncio.Future[None] | None = None
+        self._frames: asyncio.Future[None] | None = None
         #: the first handshake argument that was not UTF-8 (see decode_argument)
         self._undecodable: str | None = None
 
@@ -121,7 +136,71 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
             token = next((p for p in (s.strip() for s in offered.split(",")) if looks_like_jwt(p)), None)
         return claimed_user(self.get_query_argument("user_id", None), token, self.broker.tokens)
 
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """The upgrade; returns once the handshake is answered, while the frames are read on.
+
+        Tornado's own `get` keeps the request's headers in its locals and
+        awaits the frame loop, so its frame, the request task's and the
+        request's headers would live as long as the socket. Here the headers
+        are read in `_upgrade` (its frame is gone when it returns) and the
+        frame loop runs in a task of its own: once `open` ran, this request
+        is over and only the frame loop remains.
+        """
+        protocol = self._upgrade(args, kwargs)
+        if protocol is None:
+            return
+        handshake = self._handshake = asyncio.get_running_loop().create_future()
+        frames = self._frames = asyncio.ensure_future(protocol.accept_connection(self))
+        frames.add_done_callback(self._frames_ended)
+        await handshake  # `open` resolves it, or the frame task's end (with its error, if any)
+
+    def _handshake_done(self, error: BaseException | None = None) -> None:
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None and not handshake.done():
+            if error is None:
+                handshake.set_result(None)
+            else:
+                handshake.set_exception(error)  # raised in `get`: Tornado answers 500 if nothing was sent
+
+    def _frames_ended(self, frames: asyncio.Future[None]) -> None:
+        """The frame loop's task ended: the socket is closed (on_close ran), or it failed."""
+        self._frames = None
+        error = None if frames.cancelled() else frames.exception()
+        if self._handshake is not None:
+            self._handshake_done(error)
+        elif error is not None:
+            self.log_exception(type(error), error, error.__traceback__)
+
+    def _upgrade(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> WebSocketProtocol | None:
+        """The protocol to accept the connection with, or None once the refusal is answered (RFC 6455 4.2.1)."""
+        headers = self.request.headers
+        tokens = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in tokens:
+            self.set_status(400)
+            self.finish("a WebSocket handshake needs 'Upgrade: websocket' and 'Connection: Upgrade'")
+            return None
+        if self._cross_origin_refused(headers):
+            self.set_status(403)
+            self.finish("Cross origin websockets not allowed")
+            return None
+        self.open_args, self.open_kwargs = args, kwargs
+        self.ws_connection = protocol = self.get_websocket_protocol()
+        if protocol is None:
+            self.set_status(426, "Upgrade Required")
+            self.set_header("Sec-WebSocket-Version", "13")
+        return protocol
+
+    def _cross_origin_refused(self, headers: Any) -> bool:
+        """Tornado's cross-origin rule (Sec-Fetch-Site, then Origin against check_origin) where this
+        Tornado has one; with an older one, the Origin header alone, as Tornado used to check it."""
+        check = getattr(self, "_check_cross_origin", None)
+        if check is not None:
+            return check(self.check_origin) is not None
+        origin = headers.get("Origin")
+        return origin is not None and not self.check_origin(origin)
+
     def open(self, *args: Any, **kwargs: Any) -> None:
+        self._handshake_done()  # the 101 is out: the request's task may end
         try:
             params = self._parse(*args)
         except HandshakeError as exc:
@@ -138,6 +217,53 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
         self.connection = self.broker.open_connection(
             greeting_type=self.greeting_type, transport=self.transport, remote_ip=self.request.remote_ip, **params
         )
+        self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """Drop what only the handshake needed: the connection may live for hours, idle.
+
+        The request (its headers and arguments, and behind it Tornado's
+        HTTP/1.1 connection objects and per-request context), the response
+        headers, the path arguments and the template namespace are read only
+        until the socket is detached; `log_exception` below does without the
+        request. What stays is what frames in and out need.
+        """
+        self.request = None
+        self.request_id = None
+        self._protocol_token = None
+        self.path_args = self.path_kwargs = None  # type: ignore[assignment]
+        self._headers = None  # type: ignore[assignment]
+        self.ui = None  # type: ignore[assignment]  # as Tornado's own _break_cycles does at the close
+
+    def _detach_stream(self) -> IOStream:
+        """Take the socket over from HTTP, as Tornado's does, minus its seven per-handler method overrides.
+
+        Tornado shadows write, finish, set_header and four others with
+        instance attributes that raise, so that a handler cannot write HTTP
+        after the upgrade: seven instance keys that no handler has until its
+        upgrade, which is too late to join the key table CPython shares
+        between a class's instances (see `initialize`), so every handler got
+        a private dict of ~1.5 KiB. Here the handler is finished and its
+        request forgotten after the handshake, so such a call fails anyway
+        (write and finish raise "after finish()", set_header finds no headers).
+        """
+        return self.detach()
+
+    def _request_summary(self) -> str:
+        """For Tornado's log lines once the request is forgotten."""
+        if self.request is None:
+            return f"WebSocket {self.connection.connection_id if self.connection else '(closed)'}"
+        return super()._request_summary()
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: TracebackType | None) -> None:
+        """An error in a frame callback: logged with the connection's ids, not the (forgotten) request."""
+        if self.request is not None:
+            super().log_exception(typ, value, tb)
+            return
+        log.error(
+            "websocket_callback_failed", session_id=self.session_id,
+            connection_id=self.connection.connection_id if self.connection else None, exc_info=(typ, value, tb),
+        )  # fmt: skip
 
     def _parse(self, *args: Any) -> dict[str, Any]:
         # Every argument is decoded before any check, so one that is not UTF-8 is seen first.
