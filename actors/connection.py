@@ -90,7 +90,7 @@ class ConnectionActor(LoopActor):
         self.acked_seq: int | None = None
         now = self.last_write = self.opened_at = self.clock.monotonic()
         self._heartbeat = Heartbeat(now, settings())
-        self._bucket = RateBucket(settings().max_client_rate, now)
+        self._bucket: RateBucket | None = None  # made at the first client message: most never send one
         self._errors: ErrorWindow | None = None  # made at the first error
         self._timer: TimerHandle | None = None  # the heartbeat's
         self._write_scheduled = False
@@ -274,8 +274,12 @@ class ConnectionActor(LoopActor):
 
     def _arm_heartbeat(self) -> None:
         delay = self._heartbeat.delay(self.clock.monotonic(), self.last_write, self.settings)
-        if delay is not None:
-            self._timer = self.tell_later(delay, KEEPALIVE_CHECK)
+        if delay is not None:  # a bound method, not tell_later's closure: ~170 bytes less per idle connection
+            self._timer = self.clock.call_later(delay, self._heartbeat_due)
+
+    def _heartbeat_due(self) -> None:
+        if self.actor_ref.is_alive():
+            self.actor_ref.tell(KEEPALIVE_CHECK)
 
     def _arm_expiry(self) -> None:
         lease = self.lease
@@ -299,7 +303,10 @@ class ConnectionActor(LoopActor):
     def client_message(self, data: str | bytes) -> None:
         if self.closed:
             return
-        if not self._bucket.take(self.settings.max_client_rate, self.clock.monotonic()):
+        bucket = self._bucket
+        if bucket is None:
+            bucket = self._bucket = RateBucket(self.settings.max_client_rate, self.clock.monotonic())
+        if not bucket.take(self.settings.max_client_rate, self.clock.monotonic()):
             self.stats.rate_limited_messages += 1
             self.client_error("rate_limited", f"more than {self.settings.max_client_rate} messages a second; dropped")
             return

@@ -232,7 +232,7 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
         self.request_id = None
         self._protocol_token = None
         self.path_args = self.path_kwargs = None  # type: ignore[assignment]
-        self._headers = None  # type: ignore[assignment]
+        self._headers = self._write_buffer = self._transforms = None  # type: ignore[assignment]
         self.ui = None  # type: ignore[assignment]  # as Tornado's own _break_cycles does at the close
 
     def _detach_stream(self) -> IOStream:
