@@ -859,6 +859,8 @@ def check_loadgen_results(r: Round, res: dict[str, Any], published: Published) -
     r.lost += res["lost"]
     r.dup += res["dup"]
     r.reorder += res["reorder"]
+    if res.get("lostBySession"):
+        r.errors.append(f"lost by session (up to 5): {res['lostBySession']}")
     if res["errors"]:
         r.errors.append(f"{res['errors']} client errors, e.g. {res['errorSamples'][:3]}")
     if res["greeted"] != res["clients"]:

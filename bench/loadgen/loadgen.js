@@ -269,13 +269,30 @@ function finishNow() {
   if (finished) return;
   finished = true;
   if (finishTimer) clearInterval(finishTimer);
-  for (const c of stable) totals.lost += c.lostUpTo(maxSeq[c.session] || 0);
+  const lostBySession = {};
+  for (const c of stable) {
+    const lost = c.lostUpTo(maxSeq[c.session] || 0);
+    if (lost) {
+      totals.lost += lost;
+      // which sessions, how many clients, and the first seq missed: enough to start looking
+      const entry = lostBySession[c.session] || (lostBySession[c.session] = { clients: 0, lost: 0, firstMissed: null });
+      entry.clients += 1;
+      entry.lost += lost;
+      for (let s = c.base + 1; s <= (maxSeq[c.session] || 0); s++) {
+        if (!c.seen.test(s)) {
+          if (entry.firstMissed === null || s < entry.firstMissed) entry.firstMissed = s;
+          break;
+        }
+      }
+    }
+  }
   const res = Object.assign({}, totals, {
     event: 'results',
     clients: stable.length,
     greeted: stable.filter((c) => c.base !== null).length,
     expected: target,
     errorSamples,
+    lostBySession: Object.fromEntries(Object.entries(lostBySession).slice(0, 5)),
     churn: churnStats,
   });
   if (recordLatency) {
