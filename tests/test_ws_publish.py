@@ -15,6 +15,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from broker.client import Backoff, PublishError, WebSocketPublisher
 from broker.daemon import Daemon
 from broker.validation import MAX_BATCH_EVENTS
 from tests.support import with_settings
@@ -482,3 +483,56 @@ async def test_while_draining_a_publish_handshake_is_503(broker, port):
     broker.draining = True
     code, body, _ = await refused_handshake(port)
     assert (code, body) == (503, {"error": "server is shutting down"})
+
+
+# -- the Python client: broker.client.WebSocketPublisher ---------------------------------------
+
+
+async def test_the_python_publisher_pipelines_calls_and_gets_each_its_seqs(port, connect, http_server_client):
+    follower, _ = await connect("py", research=True)
+    async with WebSocketPublisher(f"http://127.0.0.1:{port}") as publisher:
+        seqs = await asyncio.gather(*(publisher.publish("py", started("py", f"t{i}")) for i in range(300)))
+        assert sorted(seqs) == list(range(1, 301))  # type: ignore[type-var]
+        many = await publisher.publish_many([started("py", f"m{i}") for i in range(2500)], session_id="py")
+        assert many == list(range(301, 2801))  # 3 frames, in order
+        with pytest.raises(PublishError) as refused:
+            await publisher.publish("py", {"type": "task_progress", "task_id": "t1", "progress": 300})
+        assert refused.value.status == 422 and refused.value.details[0]["field"] == "progress"
+        assert await publisher.publish("py", started("py", "after")) == 2801  # one refusal ends nothing
+    assert publisher.reconnects == 0
+    received = await session_messages(follower, 300)
+    assert sorted(m["seq"] for m in received) == list(range(1, 301))
+
+
+async def test_the_python_publisher_sends_again_what_a_dropped_connection_left_unanswered(
+    broker, port, http_server_client
+):
+    """Its connection closed under it three times mid-stream: every event ends up published exactly once.
+
+    `max_inflight=10` keeps ten frames sent and unanswered at any moment, so
+    each cut leaves some to send again (some of them already published: the
+    broker knows their event_ids).
+    """
+    url = f"http://127.0.0.1:{port}"
+    async with WebSocketPublisher(url, backoff=Backoff(initial=0.01, maximum=0.05), max_inflight=10) as publisher:
+        calls = [asyncio.ensure_future(publisher.publish("drop", started("drop", f"t{i}"))) for i in range(300)]
+        async with asyncio.timeout(30):  # a publisher that lost frames would leave calls waiting
+            for cut in (50, 120, 200):
+                while sum(call.done() for call in calls) < cut:
+                    await asyncio.wait([c for c in calls if not c.done()], return_when=asyncio.FIRST_COMPLETED)
+                broker.close_all(1001, "server shutdown")  # every connection closed at once, this publisher's too
+            seqs = await asyncio.gather(*calls)
+        assert publisher.reconnects == 3
+    assert seqs == list(range(1, 301))  # in call order: what was left unanswered went again in order
+    code, info = await session_info(http_server_client, "drop")
+    assert (code, info["last_seq"]) == (200, 300)  # none lost, none twice
+
+
+@with_settings(api_keys=("k1",))
+async def test_the_python_publisher_raises_a_refused_handshake(port):
+    async with WebSocketPublisher(f"http://127.0.0.1:{port}", api_key="k2") as publisher:
+        with pytest.raises(PublishError) as refused:
+            await publisher.publish("k", started("k"))
+    assert (refused.value.status, refused.value.error) == (403, "this API key is not accepted")
+    async with WebSocketPublisher(f"http://127.0.0.1:{port}", api_key="k1") as publisher:
+        assert await publisher.publish("k", started("k")) == 1

@@ -30,6 +30,7 @@ from broker.client.errors import (
 from broker.client.publisher import Publisher
 from broker.client.query import Answer
 from broker.client.stream import Disconnect, Gap, Stream, follow
+from broker.client.ws_publisher import WebSocketPublisher
 
 __all__ = [
     "Answer",
@@ -46,5 +47,6 @@ __all__ = [
     "RejectedError",
     "RequestError",
     "Stream",
+    "WebSocketPublisher",
     "follow",
 ]
