@@ -111,10 +111,12 @@ class Seen {
 }
 
 class Client {
-  constructor(session, stable, base) {
+  // counted: one of the clients the 'open' command opens, whose deliveries the
+  // 'finish' target counts (not a warm-up or churning client)
+  constructor(session, counted, base) {
     this.session = session;
     this.baseUrl = base;
-    this.stable = stable;
+    this.counted = counted;
     this.base = null; // last_seq of the greeting
     this.seen = new Seen();
     this.hi = 0;
@@ -202,6 +204,7 @@ class Client {
     if (!(sessionHi[this.session] >= s)) sessionHi[this.session] = s;
     this.distinct += 1;
     totals.distinct += 1;
+    if (this.counted) countedDistinct += 1;
     if (s < this.hi) totals.reorder += 1;
     else this.hi = s;
     if (recordLatency) {
@@ -209,7 +212,7 @@ class Client {
       const ts = numberField(text, '"ts":');
       if (ts !== null && numberField(text, '"i":') >= warmupEvents) latencies.push(t - ts);
     }
-    if (target !== null && totals.distinct >= target) finishNow();
+    if (target !== null && countedDistinct >= target) finishNow();
   }
 
   // seqs this client should have had and did not get
@@ -229,13 +232,13 @@ class Client {
   }
 }
 
-async function openAll(specs, concurrency) {
+async function openAll(specs, concurrency, counted) {
   const clients = new Array(specs.length);
   let next = 0;
   async function worker() {
     while (next < specs.length) {
       const i = next++;
-      const c = new Client(specs[i], true, bases[i % bases.length]);
+      const c = new Client(specs[i], counted, bases[i % bases.length]);
       clients[i] = c;
       await c.open();
     }
@@ -249,7 +252,8 @@ async function openAll(specs, concurrency) {
 const sessionHi = {}; // highest seq any client saw, per session
 let stable = [];
 let warm = [];
-let target = null;
+let target = null; // deliveries the stable clients are owed once publishing is over
+let countedDistinct = 0; // distinct deliveries to them so far (warm-up and churning clients' are not theirs)
 let maxSeq = null;
 let finishTimer = null;
 let lastProgress = 0;
@@ -340,7 +344,7 @@ async function churnLoop() {
 async function main() {
   const concurrency = cfg.connectConcurrency || 100;
   if (cfg.warm && cfg.warm.clients) {
-    warm = await openAll(new Array(cfg.warm.clients).fill(cfg.warm.session), concurrency);
+    warm = await openAll(new Array(cfg.warm.clients).fill(cfg.warm.session), concurrency, false);
   }
   out({ event: 'warm', greeted: warm.filter((c) => c.base !== null).length });
 
@@ -353,7 +357,7 @@ async function main() {
         const specs = [];
         for (const s of cfg.sessions) for (let i = 0; i < cfg.perSession; i++) specs.push(s);
         const t0 = now();
-        stable = await openAll(specs, concurrency);
+        stable = await openAll(specs, concurrency, true);
         const greeted = stable.filter((c) => c.base !== null).length;
         out({ event: 'ready', clients: stable.length, greeted, connectMs: now() - t0 });
         break;
@@ -371,7 +375,7 @@ async function main() {
         lastProgress = now();
         let lastDistinct = totals.distinct;
         const timeoutMs = cmd.timeoutMs || 10000;
-        if (totals.distinct >= target) { finishNow(); break; }
+        if (countedDistinct >= target) { finishNow(); break; }
         finishTimer = setInterval(() => {
           if (totals.distinct !== lastDistinct) { lastDistinct = totals.distinct; lastProgress = now(); }
           if (now() - lastProgress > timeoutMs) finishNow();
