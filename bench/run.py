@@ -1565,6 +1565,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in scenarios:
         rows = plan[name]
         if not rows:
+            print(f"{name}: none of the rows asked for runs it (its rows: {', '.join(SCENARIO_ROWS[name])})")
             continue
         rounds = args.rounds or DEFAULT_ROUNDS[name]
         labels = ", ".join(ROWS[row].label for row in rows)
