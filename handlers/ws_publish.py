@@ -111,6 +111,19 @@ def read_frame(data: bytes) -> tuple[Any, list[Any]]:
     return ref, events
 
 
+def ref_of(data: bytes) -> Any:
+    """The frame's ref for a refusal decided before the frame is read as a publish (413, 503 draining).
+
+    The frame is already in memory (at most the read limit), and its answer
+    echoes a ref it gave like any other; `_NO_REF` when it gave none or is
+    not JSON.
+    """
+    try:
+        return read_frame(data)[0]
+    except (BadRequest, FrameRefused) as exc:
+        return getattr(exc, "ref", _NO_REF)
+
+
 def answer(ref: Any, body: dict[str, Any]) -> bytes:
     """One answer frame's JSON: `type` first, then `ref` when the frame gave one, then the body."""
     kind = "accepted" if "accepted" in body else "error"
@@ -338,13 +351,14 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
             settings = self.broker.settings
             if len(data) > settings.max_body_size:
                 self.broker.stats.refused("max_body_size")
-                raise FrameRefused(413, f"body of {len(data)} bytes is over max_body_size ({settings.max_body_size})")
+                error = f"body of {len(data)} bytes is over max_body_size ({settings.max_body_size})"
+                raise FrameRefused(413, error, ref=ref_of(data))
             if self.broker.draining:
-                raise FrameRefused(503, "server is shutting down")
+                raise FrameRefused(503, "server is shutting down", ref=ref_of(data))
             ref, items = read_frame(data)
             if len(items) > MAX_BATCH_EVENTS:
                 self.broker.stats.refused("max_batch_events")
-            events = normalize_events(items, session_id=None, now=time.time())
+            events = normalize_events(items, session_id=None, now=time.time(), owned=True)  # parsed for this alone
             refusal = self.broker.admit_sessions({event["session_id"] for event in events} | new_sessions)
             if refusal is not None:
                 raise FrameRefused(503, refusal)
@@ -368,7 +382,9 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         """Publish a run of frames as one batch; their answers, in order (each frame its own seqs)."""
         events = [event for frame in run for event in frame.events]
         try:
-            seqs = await self.broker.publish(events)
+            # At once when the session's actor is idle (memory backend); else the awaited ask or script call.
+            now = self.broker.publish_now(events)
+            seqs = now if now is not None else await self.broker.publish(events)
         except BackendUnavailable:  # docs/protocol.md section 7: unknown outcome, retry with the same ids
             return [self._refuse(frame.ref, FrameRefused(503, "backend unavailable")) for frame in run]
         except Exception:  # a bug, not an answer: logged once, each frame answered as HTTP would (500)

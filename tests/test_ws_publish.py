@@ -295,11 +295,14 @@ async def test_a_frame_over_max_body_size_is_413_as_the_post_and_the_connection_
     status, expected = await http_answer(http_server_client, body)
     assert status == 413
     assert await publisher.exchange(body) == as_ws_error(413, expected, with_ref=False)
+    enveloped = orjson.dumps({"ref": "big", "events": [orjson.loads(body)]})
+    size_error = f"body of {len(enveloped)} bytes is over max_body_size (2048)"
+    assert await publisher.exchange(enveloped) == as_ws_error(413, {"error": size_error}, "big")  # ref echoed
     exactly = orjson.dumps(started("big", pad=""))
     exactly = exactly[:-1] + b" " * (2048 - len(exactly)) + b"}"
     assert len(exactly) == 2048
     assert await publisher.exchange(exactly) == {"type": "accepted", "accepted": 1, "seq": [1]}
-    assert (await refusals(http_server_client))["max_body_size"] == 2
+    assert (await refusals(http_server_client))["max_body_size"] == 3
 
 
 @pytest.mark.memory_only("a Redis node holds no sessions of its own, so max_sessions never refuses a publish there")
