@@ -49,8 +49,9 @@ from tests.support.wire import get_json, metrics, post_events, post_json, sessio
 CHECK = 0.3
 #: A node counts as live until it has been silent this long (PROTOCOL section 7).
 SILENT = 3 * CHECK
-#: max_interval_ms of the throttle (PROTOCOL section 4), short so trailing edges come quickly.
-MAX_INTERVAL_MS = 400
+#: max_interval_ms of the throttle (PROTOCOL section 4): long enough that a few publishes in a row
+#: land before a trailing edge, even on a loaded machine.
+MAX_INTERVAL_MS = 1000
 #: Upper bound of any one wait on the cluster.
 WAIT = 20.0
 #: Pause between two polls of another process.
@@ -204,12 +205,19 @@ class HeldUpstream:
                 self.wfile.write(b'{"content": "first"}\n')
                 self.wfile.flush()
                 gate.wait(WAIT)
-                self.wfile.write(b'{"content": " and last"}\n')
+                with contextlib.suppress(OSError):  # the node that asked may have been killed meanwhile
+                    self.wfile.write(b'{"content": " and last"}\n')
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                """Quiet. A traceback printed from this thread makes Python 3.11 parse source (for its
+                carets) while the test's thread may be parsing too, and CPython 3.11 can fail that
+                with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905)."""
+
+        self.server = Server(("127.0.0.1", 0), Answer)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/answer"
         self.thread = threading.Thread(target=self.server.serve_forever, name="held-upstream", daemon=True)
         self.thread.start()
@@ -587,6 +595,13 @@ async def test_progress_of_one_task_is_throttled_as_one_whichever_nodes_receive_
     ]
     after = sum([(await stats(node))["throttled_events"] for node in trio])
     assert after - before == 3  # 12 superseded, 31 discarded by the finish, 50 after it
+    # Within min_delta, but a new current_action, or 100: delivered at once, whichever node takes it.
+    assert await a.publish("throttle", {"type": "task_started", "task_id": "t1"}) == [6]  # t1 afresh
+    assert await b.publish("throttle", progress(97, "q97")) == [7]
+    assert await c.publish("throttle", progress(98, "q98") | {"current_action": "writing"}) == [8]
+    assert await b.publish("throttle", progress(100, "q100") | {"current_action": "writing"}) == [9]
+    rest = await session_messages_of(watcher, 4)
+    assert [(m["seq"], m.get("progress")) for m in rest] == [(6, None), (7, 97), (8, 98), (9, 100)]
 
 
 async def test_one_query_at_a_time_per_session_across_nodes(trio, shared_cluster, upstream):
@@ -703,17 +718,17 @@ async def test_a_session_is_idle_only_when_no_node_has_a_connection(cluster):
 
 
 async def test_a_held_progress_is_delivered_even_if_the_node_that_held_it_is_killed(cluster):
-    a, b = await cluster.start("a", "b", max_interval_ms=1000)
+    a, b = await cluster.start("a", "b")
     watcher, _ = await cluster.connect(b, "edge")
     progress = {"type": "task_progress", "task_id": "t1"}
     assert await a.publish("edge", {**progress, "progress": 10}) == [1]
     assert await a.publish("edge", {**progress, "progress": 12}) == [None]
     held_at = time.monotonic()
-    a.kill()  # before its own timer fires the trailing edge (1 s)
-    assert time.monotonic() - held_at < 1.0
+    a.kill()  # before its own timer fires the trailing edge
+    assert time.monotonic() - held_at < MAX_INTERVAL_MS / 1000
     first, trailing = await session_messages_of(watcher, 2)
     assert (first["progress"], trailing["progress"], trailing["seq"]) == (10, 12, 2)
-    assert time.monotonic() - held_at < 1.0 + 5.0  # PROTOCOL section 7: at the latest max_interval_ms plus 5 s
+    assert time.monotonic() - held_at < MAX_INTERVAL_MS / 1000 + 5.0  # PROTOCOL 7: max_interval_ms plus 5 s
 
 
 async def test_kill_9_of_a_node_while_publishing_loses_nothing_that_was_acknowledged(cluster):
@@ -926,3 +941,166 @@ async def test_redis_restarted_without_persistence_starts_the_session_afresh_for
     assert greeting["epoch"] == new_epoch
     assert (await next_of(back, "gap"))["from_seq"] == 1
     assert [m["n"] for m in await session_messages_of(back, 2)] == [4, 5]
+
+
+# -- a node that stops hearing Redis ------------------------------------------------------------
+
+
+async def test_a_node_whose_subscription_is_cut_catches_up_in_order(cluster, redis_server):
+    a, b = await cluster.start("a", "b")
+    followers = [Follower(cluster, lambda: [b], "cut").start(b) for _ in range(2)]
+    followers.append(Follower(cluster, lambda: [a], "cut").start(a))
+    for follower in followers:
+        await follower.connected()
+    publisher = Publisher(lambda: [a], "cut")  # every publish enters through a, b hears them from Redis
+    await publisher.publish(20)
+    publishing = asyncio.ensure_future(publisher.publish(120))
+    await followers[0].reached(30)
+    # CLIENT KILL TYPE pubsub: both nodes lose their subscription at once, while a publishes.
+    assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "yes") == b":2\r\n"
+    await publishing
+    await publisher.publish(10)
+    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+    for follower in followers:
+        await follower.reached(last)
+        check_exactly_once(follower, publisher)
+        assert follower.gaps == [] and len(follower.greetings) == 1
+    for node in (a, b):
+        await node.wait_log(event="pubsub_lost")
+        await node.wait_log(event="pubsub_restored")
+        assert (await metrics(node)).value("broker_redis_reconnects_total") >= 1
+    await readyz_everywhere([a, b], 200, "ready after the cut")
+
+
+class DeafeningProxy:
+    """A TCP proxy between one node and Redis that can make the node deaf without a word.
+
+    While `deaf`, whatever Redis sends on a connection that subscribed is
+    swallowed; everything else flows (the node's commands, the canary's
+    PUBLISH): a subscription that died silently, a half-open connection.
+    New subscriptions made meanwhile are swallowed too, so the node stays
+    deaf until the test lets go.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.deaf = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> DeafeningProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [client_writer, upstream_writer]
+        subscribed = False
+
+        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
+            nonlocal subscribed
+            while data := await reader.read(65536):
+                subscribed = subscribed or (upstream and b"SUBSCRIBE" in data.upper())
+                if not upstream and subscribed and self.deaf:
+                    continue  # swallowed: Redis believes it delivered it
+                writer.write(data)
+                await writer.drain()
+            writer.transport.abort()
+
+        await asyncio.gather(
+            pump(client_reader, upstream_writer, upstream=True),
+            pump(upstream_reader, client_writer, upstream=False),
+            return_exceptions=True,
+        )
+
+
+async def test_a_deaf_node_is_caught_by_its_canary_reported_and_catches_up(cluster, redis_server):
+    proxy = await DeafeningProxy(redis_server.port).start()
+    try:
+        [a] = await cluster.start("a")
+        [b] = await cluster.start("b", redis_url=proxy.url)
+        followers = [Follower(cluster, lambda: [b], "deaf").start(b) for _ in range(2)]
+        for follower in followers:
+            await follower.connected()
+        publisher = Publisher(lambda: [a], "deaf")
+        await publisher.publish(10)
+        await followers[0].reached(10)
+
+        proxy.deaf = True
+        deafened = time.monotonic()
+        await publisher.publish(10)  # b's subscription hears none of these
+        await b.wait_log(event="backend_deaf", timeout=5)
+        assert time.monotonic() - deafened < CHECK + 1.0  # within backend_check_interval (plus a loaded machine)
+        await poll(b.readyz, lambda code: code == 503, "b reported not ready")
+        window = time.monotonic() + 4 * CHECK
+        while time.monotonic() < window:  # a deaf node is never reported ready
+            assert await b.readyz() == 503
+            await asyncio.sleep(POLL)  # noqa: sleep - checking another process over a window of time
+        scrape = await metrics(b)
+        assert scrape.value("broker_redis_subscription_healthy") == 0
+        assert scrape.value("broker_redis_canary_failures_total") >= 1
+        assert await a.readyz() == 200  # the other node hears fine
+        await publisher.publish(10)
+
+        proxy.deaf = False
+        await poll(b.readyz, lambda code: code == 200, "b ready again")
+        await publisher.publish(5)
+        last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+        for follower in followers:
+            await follower.reached(last)
+            check_exactly_once(follower, publisher)
+            assert follower.gaps == [] and len(follower.greetings) == 1
+        assert b.count_logs(event="backend_deaf") == 1  # once per episode, not once per failed canary
+    finally:
+        await proxy.close()
+
+
+# -- a node killed while its query runs -------------------------------------------------------
+
+
+async def test_a_query_of_a_killed_node_does_not_keep_its_session_busy(cluster, upstream):
+    upstream.gate.clear()
+    try:
+        a, b = await cluster.start("a", "b", query_backend="http", query_upstream_url=upstream.url)
+        asker, _ = await cluster.connect(a, "orphan")
+        other, _ = await cluster.connect(b, "orphan")
+        await asker.send({"type": "query", "query": "first"})
+        await next_of(other, "query_start")
+        await next_of(other, "chunk")  # the query runs on a, held by the upstream
+        await other.send({"type": "query", "query": "too soon"})
+        assert (await next_of(other, "error"))["code"] == "busy"
+        a.kill()
+        killed = time.monotonic()
+        while True:  # the lock of a dead node's query expires: 3 x backend_check_interval
+            await other.send({"type": "query", "query": "after the crash"})
+            answer = await next_of_any(other, {"error", "query_start"})
+            if answer["type"] == "query_start":
+                break
+            assert answer["code"] == "busy"
+            assert time.monotonic() - killed < SILENT + 5, "the dead node's query kept the session busy"
+            await asyncio.sleep(0.2)  # noqa: sleep - a client asking again after busy
+        assert answer["query"] == "after the crash"
+    finally:
+        upstream.gate.set()
+
+
+async def next_of_any(client: WebSocketClient, kinds: set[str]) -> dict[str, Any]:
+    """The next message of one of these types, skipping keepalives; any other message first fails."""
+    while True:
+        message = await client.receive()
+        assert message is not None, f"closed {client.close_info()} before {kinds}"
+        if message["type"] != "keepalive":
+            assert message["type"] in kinds, message
+            return message

@@ -129,6 +129,7 @@ class ClusterNode:
         self._timers: list[asyncio.Task[None]] = []
         self._query_ids: dict[str, str] = {}
         self._subscribed = False  # the Subscriber started once; it reconnects by itself from then on
+        self._stopping = False
 
     @classmethod
     def from_settings(
@@ -170,6 +171,7 @@ class ClusterNode:
 
         Every step is bounded (STOP_STEP seconds): a Redis that hangs must not hold a shutdown.
         """
+        self._stopping = True
         for timer in self._timers:
             timer.cancel()
         pending = [*self._timers, *self._tasks]
@@ -185,8 +187,17 @@ class ClusterNode:
                 self.log.warning("cluster_stop_step_failed", step=closing.__qualname__, error=repr(exc))
 
     async def _every(self, interval: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `job` every `interval` until `stop()`.
+
+        The flag, not only the cancel, ends the loop: a cancel that lands inside
+        a Redis call can be lost (seen under load: the loop went on after stop()
+        cancelled it, stop() waited out STOP_STEP, and the daemon never exited,
+        as asyncio's own shutdown waits for every task).
+        """
         while True:
             await asyncio.sleep(interval)
+            if self._stopping:
+                return
             try:
                 await job()
             except Exception:  # a periodic job logs and goes on; the loop must not die

@@ -312,8 +312,14 @@ class Subscriber:
     # -- the reader ---------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Connect, read until the connection fails or is found deaf, tear down, back off, again."""
-        while True:
+        """Connect, read until the connection fails or is found deaf, tear down, back off, again.
+
+        Every loop here ends on `_stopped` as well as on its cancel: a cancel that lands
+        inside a redis-py call can be lost (seen under load in tests/test_cluster_daemons.py:
+        the reader went on after stop() cancelled it; compare redis/redis-py#2551), and
+        get_message() with a short timeout is where the reader always waits.
+        """
+        while not self._stopped:
             try:
                 await self._connect()
                 await self._read()
@@ -364,7 +370,7 @@ class Subscriber:
         assert pubsub is not None
         loop = asyncio.get_running_loop()
         handled = 0
-        while self._teardown_reason is None:
+        while self._teardown_reason is None and not self._stopped:
             connection = _connection_of(pubsub)
             # redis-py would silently reconnect (and resubscribe) a dropped connection on the next read
             if connection is None or not connection.is_connected:
@@ -460,7 +466,7 @@ class Subscriber:
         """Every check_interval (and at once after a reconnect): one canary with a deadline of check_interval."""
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not self._stopped:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(next_at):
                     await self._probe_now.wait()
@@ -552,7 +558,12 @@ class Subscriber:
         self._canary_task = self._reader_task = None
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # asyncio.wait, not `await task` under suppress(CancelledError): that would also
+            # swallow a cancel of the caller itself (stop() under its node's timeout).
+            await asyncio.wait(tasks)
+            for task in tasks:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    self._log.warning("subscriber_task_failed", error=_describe(error))
         await self._teardown()
