@@ -280,6 +280,7 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
     def open(self, *args: Any, **kwargs: Any) -> None:
         """The handshake passed: count the socket among the broker's connections, for shutdown."""
         ref = PublisherActor.start(self)
+        # No session and no user: "" is no session id, so the per-session counts are not touched.
         self.connection = OpenConnection(self.connection_id, "", None, ref)
         self.broker.connections[self.connection_id] = self.connection
         log.info("publisher_connected", connection_id=self.connection_id, remote_ip=self.request.remote_ip)
@@ -292,8 +293,9 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         Called by Tornado on the loop for every frame, in order; it awaits
         what this returns before it reads the next frame.
         """
-        if self._close_when_answered is not None or self.ws_connection is None:
-            return None  # closing: frames after our close frame are not read as publishes
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            return None  # frames after our close frame are not publishes (a frame read before it is answered)
         self._queue.append(message.encode() if isinstance(message, str) else message)
         self._unanswered += 1
         self._frames += 1
