@@ -218,7 +218,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _any_json(_value: Any) -> str | None:
@@ -442,10 +442,11 @@ def nesting_problems(item: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     Also for other objects the broker writes out again (broadcasts).
     """
+    # (dict, list) rather than dict | list here and below: on every call that builds a union object anew
     return [
         (name, f"is nested more than {MAX_NESTING} levels deep (counting the event)")
         for name, value in item.items()
-        if isinstance(value, dict | list) and _deeper_than(value, MAX_NESTING - 1)
+        if isinstance(value, (dict, list)) and _deeper_than(value, MAX_NESTING - 1)
     ]
 
 
@@ -457,7 +458,7 @@ def _deeper_than(value: dict[str, Any] | list[Any], levels: int) -> bool:
         if depth > levels:
             return True
         for child in container.values() if isinstance(container, dict) else container:
-            if isinstance(child, dict | list):
+            if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1))
     return False
 

@@ -146,9 +146,13 @@ def read_whole(headers: tornado.httputil.HTTPHeaders, limit: int) -> bool:
     Also the rule of the lean publish path (handlers/fast_publish.py), so both
     take the same requests.
     """
-    length = headers.get("Content-Length")
-    if length is None or not (length.isascii() and length.isdigit()) or "Expect" in headers:
+    return whole_body(headers.get("Content-Length"), "Expect" in headers, headers.get("Content-Type", ""), limit)
+
+
+def whole_body(length: str | None, expect: bool, content_type: str, limit: int) -> bool:
+    """`read_whole` on the values of the headers it reads (Content-Length, whether Expect is there, Content-Type)."""
+    if length is None or not (length.isascii() and length.isdigit()) or expect:
         return False
-    if headers.get("Content-Type", "").startswith(_FORM_TYPES):
+    if content_type.startswith(_FORM_TYPES):
         return False
     return int(length) <= limit

@@ -51,6 +51,7 @@ from tornado import httputil
 from tornado.escape import parse_qs_bytes
 from tornado.http1connection import HTTP1Connection
 
+from actors.ids import new_request_id
 from broker.cluster.store import BackendUnavailable
 from broker.core import Broker
 from broker.logs import log_request
@@ -63,7 +64,7 @@ from broker.validation import (
     parse_body,
 )
 from handlers.base import RequestIdMixin, publisher_refusal
-from handlers.body import read_whole
+from handlers.body import whole_body
 from handlers.hosts import HostCheckedApplication, host_allowed
 from handlers.origins import origin_allowed
 
@@ -74,6 +75,11 @@ log = structlog.get_logger("actor_broker.http")
 _EVENTS = "/api/events"
 _SESSIONS = "/api/sessions/"
 _SESSION_EVENTS_TAIL = "/events"
+#: The request headers this module reads, read in one pass over the headers
+#: (HTTPHeaders.get costs a normalisation, and an exception for a header that is absent).
+_READ = frozenset(
+    {"Authorization", "Connection", "Content-Length", "Content-Type", "Expect", "Host", "Origin", "X-Request-Id"}
+)
 #: Host values taken here: a subset of what tornado.httputil accepts (letters,
 #: digits, - . _ ~, IPv6 brackets, a port); anything else is left to Tornado's
 #: own check (400) on the application's path.
@@ -150,12 +156,14 @@ class _Request:
 
     __slots__ = ("_start_time", "headers", "host", "method", "path", "query", "remote_ip")
 
-    def __init__(self, start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders, remote_ip: Any) -> None:
+    def __init__(
+        self, start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders, host: str, remote_ip: Any
+    ) -> None:
         self.method = start_line.method
         self.path = start_line.path
         self.query = ""
         self.headers = headers
-        self.host: str = headers.get("Host", "")
+        self.host = host
         self.remote_ip: str | None = remote_ip
         self._start_time = time.time()
 
@@ -186,6 +194,9 @@ class _Publication(RequestIdMixin, httputil.HTTPMessageDelegate):
         self.start_line: httputil.RequestStartLine | None = None
         self.headers: httputil.HTTPHeaders | None = None
         self.chunks: list[bytes] = []
+        #: the values of the headers in _READ
+        self.fields: dict[str, str] = {}
+        self.request_id: str | None = None
         #: the publish route's session (POST /api/sessions/{id}/events), None for POST /api/events
         self.path_session: str | None = None
         #: the session the access line names (broker.logs.named_session)
@@ -243,22 +254,28 @@ class _Publication(RequestIdMixin, httputil.HTTPMessageDelegate):
             self.path_args = [session]
         else:
             return False  # a query string too: the path is the whole target
-        host = headers.get("Host")
+        fields = self.fields
+        for name, value in headers.get_all():
+            if name in _READ:
+                if name in fields:
+                    return False  # a repeated header: what it means is the route table's to decide
+                fields[name] = value
+        host = fields.get("Host")
         if host is None or "," in host or not _PLAIN_HOST.fullmatch(host):
             return False
         broker = self.broker
         settings = broker.settings
         if settings.allowed_hosts and not host_allowed(host, settings.allowed_hosts):
             return False
-        if not read_whole(headers, min(self.app.server_max_body, settings.max_body_size)):
+        limit = min(self.app.server_max_body, settings.max_body_size)
+        if not whole_body(fields.get("Content-Length"), "Expect" in fields, fields.get("Content-Type", ""), limit):
             return False
-        origin = headers.get("Origin")
+        origin = fields.get("Origin")
         if origin is not None and ("\r" in origin or "\n" in origin):
             return False  # Tornado refuses to write such a header back; its handler answers
-        self.request = _Request(
-            start_line, headers, getattr(getattr(self.connection, "context", None), "remote_ip", None)
-        )
-        return publisher_refusal(settings.api_keys, headers.get("Authorization", ""), self.request.remote_ip) is None
+        remote_ip = getattr(getattr(self.connection, "context", None), "remote_ip", None)
+        self.request = _Request(start_line, headers, host, remote_ip)
+        return publisher_refusal(settings.api_keys, fields.get("Authorization", ""), remote_ip) is None
 
     # -- publishing
 
@@ -270,7 +287,7 @@ class _Publication(RequestIdMixin, httputil.HTTPMessageDelegate):
             self._hand_on(body)
             return
         try:
-            items = parse_body(body, self.headers.get("Content-Type"))
+            items = parse_body(body, self.fields.get("Content-Type"))
             if len(items) > MAX_BATCH_EVENTS:
                 raise BadRequest("over the batch limit")  # the handler counts it and says so
             events = normalize_events(items, session_id=self.path_session, now=time.time(), owned=True)
@@ -345,17 +362,22 @@ class _Publication(RequestIdMixin, httputil.HTTPMessageDelegate):
         self._answer(500, orjson.dumps({"error": "internal server error", "request_id": request_id}))
 
     def _request_id(self) -> str:
-        return self._bind_request_id(bind_logs=False)
+        """The client's X-Request-ID when it looks like one (RequestIdMixin's rule), else a fresh id."""
+        if self.request_id is None:
+            if "X-Request-Id" in self.fields:
+                return self._bind_request_id(bind_logs=False)
+            self.request_id = new_request_id()
+        return self.request_id
 
     def _answer(self, status: int, body: bytes) -> None:
         """Write the whole answer in one block, finish the request, log its access line."""
         connection = self.connection
-        assert isinstance(connection, HTTP1Connection) and self.headers is not None
-        headers = self.headers
-        origin = headers.get("Origin")
+        assert isinstance(connection, HTTP1Connection)
+        fields = self.fields
+        origin = fields.get("Origin")
         if origin is not None and not origin_allowed(origin, self.request.host, self.broker.settings.allowed_origins):
             origin = None
-        close = connection.params.no_keep_alive or headers.get("Connection", "").lower() == "close"
+        close = connection.params.no_keep_alive or fields.get("Connection", "").lower() == "close"
         self.status = status
         # One pre-encoded block through HTTPConnection.write, which Tornado documents for this
         # (no write_headers): the headers are ours, and so is the Connection: close the
