@@ -208,7 +208,25 @@ class EventStreamHandler(HandshakeArguments, ApiHandler):
         self.set_header("X-Accel-Buffering", "no")  # nginx: pass events on as they come
         self.write(PREAMBLE)
         self.write(payload)
-        return self.flush()
+        flushed = self.flush()
+        self._forget_handshake()
+        return flushed
+
+    def _forget_handshake(self) -> None:
+        """Once the response's headers are out: drop what only the handshake read.
+
+        The stream keeps its request (Tornado writes the rest of the response
+        through it), but not the request's arguments, and its header table is
+        emptied in place: Tornado's own request frames hold the same table for
+        as long as the response lasts. Nothing reads either from here on (the
+        access line at the end takes the request id kept on the handler).
+        """
+        request = self.request
+        request.arguments.clear()
+        request.query_arguments.clear()
+        headers = request.headers
+        for name in list(headers):
+            del headers[name]
 
     def end_stream(self, tail: bytes) -> None:
         """Write `tail` and end the response; a reader that does not take it loses its socket after CLOSE_GRACE."""

@@ -205,3 +205,35 @@ async def test_a_frame_after_the_handshake_is_still_answered(broker, port):
         assert await client.closed() == (1000, "client disconnect")
     finally:
         client.close()
+
+
+async def test_an_event_stream_forgets_its_arguments_and_headers_once_it_started(broker, port):
+    """SSE keeps its request (the response goes on through it) but not what the handshake read;
+    the stream still delivers what is published and ends as it should."""
+    from handlers.sse import EventStreamHandler
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(
+        sock, f"GET /sse?session_id=sse-forget&replay=none HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    )
+
+    async def read_until(marker: bytes, received: bytes = b"") -> bytes:
+        while marker not in received:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert chunk, f"closed before {marker!r}: {received!r}"
+            received += chunk
+        return received
+
+    try:
+        await read_until(b'"type":"connected"')
+        gc.collect()
+        (handler,) = [h for h in gc.get_objects() if isinstance(h, EventStreamHandler) and h.connection is not None]
+        assert len(handler.request.headers) == 0
+        assert handler.request.query_arguments == {} and handler.request.arguments == {}
+        await broker.publish_events({"type": "sse.tick", "session_id": "sse-forget"})
+        await read_until(b'"type":"sse.tick"')
+    finally:
+        sock.close()
