@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import http.server
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -72,12 +73,12 @@ BASE_SETTINGS: dict[str, Any] = {
 
 
 class Node(BrokerProcess):
-    """One daemon of a cluster."""
+    """One daemon of a cluster; `node_id=None` leaves it to the default (host name and process id)."""
 
-    def __init__(self, directory: Path, node_id: str, redis_url: str, **settings: Any) -> None:
-        env = settings_env(**{**BASE_SETTINGS, **settings, "redis_url": redis_url, "node_id": node_id})
-        super().__init__(directory, env=env)
-        self.node_id = node_id
+    def __init__(self, directory: Path, node_id: str | None, redis_url: str, **settings: Any) -> None:
+        named = {} if node_id is None else {"node_id": node_id}
+        super().__init__(directory, env=settings_env(**{**BASE_SETTINGS, **settings, "redis_url": redis_url, **named}))
+        self.node_id = node_id or f"{socket.gethostname()}:{self.pid}"
 
     async def ready(self, timeout: float = WAIT) -> Node:
         """Wait until it listens and /readyz says 200 (Redis answers, the canary came back)."""
@@ -283,6 +284,8 @@ class Follower:
         self.nodes = nodes
         self.session_id = session_id
         self.params = params
+        #: everything received but keepalives, in arrival order
+        self.received: list[dict[str, Any]] = []
         self.messages: list[dict[str, Any]] = []
         self.seqs: list[int] = []
         self.gaps: list[dict[str, Any]] = []
@@ -344,6 +347,8 @@ class Follower:
 
     def _take(self, message: dict[str, Any]) -> None:
         kind = message["type"]
+        if kind != "keepalive":
+            self.received.append(message)
         if kind in {"connected", "connection_established"}:
             self.greetings.append(message)
             self.epoch = message["epoch"]
@@ -710,8 +715,28 @@ async def test_a_session_is_idle_only_when_no_node_has_a_connection(cluster):
         code, session = await session_info(b, "ttl-held")
         assert (code, session["last_seq"]) == (200, 1), "expired while a node had a connection"
         await asyncio.sleep(POLL)  # noqa: sleep - checking another process over a window of time
+    epoch = session["epoch"]
     cluster.close_clients()
     await poll(lambda: session_info(b, "ttl-held"), lambda answer: answer[0] == 404, "idle expiry", ttl + 3)
+    # Expired: the next event starts it afresh, with a new epoch.
+    assert await a.publish("ttl-held", *ticks(2, 1)) == [1]
+    assert (await session_info(b, "ttl-held"))[1]["epoch"] != epoch
+
+
+async def test_a_node_starts_before_redis_and_is_named_by_its_host_and_process(tmp_path):
+    redis = RedisServer(tmp_path)  # its port is chosen; nothing listens there yet
+    node = Node(tmp_path / "node", None, redis.url)
+    try:
+        await node.started()
+        assert (await node.fetch("/healthz")).code == 200
+        assert await node.readyz() == 503
+        redis.start()
+        await node.ready()
+        assert (await stats(node))["node_id"] == node.node_id == f"{socket.gethostname()}:{node.pid}"
+        assert (await node.wait_log(event="backend_reachable"))["node_id"] == node.node_id
+    finally:
+        node.stop()
+        redis.stop()
 
 
 # -- a node killed ----------------------------------------------------------------------------
@@ -1029,8 +1054,9 @@ class DeafeningProxy:
 async def test_a_deaf_node_is_caught_by_its_canary_reported_and_catches_up(cluster, redis_server):
     proxy = await DeafeningProxy(redis_server.port).start()
     try:
-        [a] = await cluster.start("a")
-        [b] = await cluster.start("b", redis_url=proxy.url)
+        # A history of 15: what b misses while deaf (20 messages) is partly evicted before it hears again.
+        [a] = await cluster.start("a", buffer_size=15)
+        [b] = await cluster.start("b", redis_url=proxy.url, buffer_size=15)
         followers = [Follower(cluster, lambda: [b], "deaf").start(b) for _ in range(2)]
         for follower in followers:
             await follower.connected()
@@ -1041,8 +1067,9 @@ async def test_a_deaf_node_is_caught_by_its_canary_reported_and_catches_up(clust
         proxy.deaf = True
         deafened = time.monotonic()
         await publisher.publish(10)  # b's subscription hears none of these
-        await b.wait_log(event="backend_deaf", timeout=5)
+        deaf = await b.wait_log(event="backend_deaf", timeout=5)
         assert time.monotonic() - deafened < CHECK + 1.0  # within backend_check_interval (plus a loaded machine)
+        assert deaf["node_id"] == "b" and deaf["level"] == "warning"
         await poll(b.readyz, lambda code: code == 503, "b reported not ready")
         window = time.monotonic() + 4 * CHECK
         while time.monotonic() < window:  # a deaf node is never reported ready
@@ -1057,11 +1084,16 @@ async def test_a_deaf_node_is_caught_by_its_canary_reported_and_catches_up(clust
         proxy.deaf = False
         await poll(b.readyz, lambda code: code == 200, "b ready again")
         await publisher.publish(5)
-        last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+        assert [publisher.acked[publisher.event_id(n)] for n in range(1, 36)] == list(range(1, 36))
         for follower in followers:
-            await follower.reached(last)
-            check_exactly_once(follower, publisher)
-            assert follower.gaps == [] and len(follower.greetings) == 1
+            await follower.reached(35)
+            # In order, none twice, on the connection it had; a gap first for exactly what was evicted.
+            assert follower.seqs == [*range(1, 11), *range(16, 36)]
+            assert [m["n"] for m in follower.messages] == follower.seqs
+            assert [(g["from_seq"], g["to_seq"]) for g in follower.gaps] == [(11, 15)]
+            gap_at = follower.received.index(follower.gaps[0])
+            assert [m.get("seq") for m in follower.received[gap_at - 1 : gap_at + 2]] == [10, None, 16]
+            assert len(follower.greetings) == 1
         assert b.count_logs(event="backend_deaf") == 1  # once per episode, not once per failed canary
     finally:
         await proxy.close()

@@ -13,6 +13,7 @@ cannot pass by skipping the backend.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,6 +43,33 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def server_port() -> int:
+    """A free port below the ephemeral range, for a server that may start after its clients.
+
+    A port from bind(0) is an ephemeral one: a client that keeps trying to reach
+    it while nothing listens (a node started before Redis) may connect to itself
+    from that very port (TCP self-connect), or another process's bind(0) may
+    take it, and redis-server then cannot listen there.
+    """
+    candidates = list(range(20_000, min(_ephemeral_start(), 32_768)))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class RedisServer:
     """One redis-server process in `directory`; `persist=True` keeps an append-only file across restarts."""
 
@@ -49,7 +77,7 @@ class RedisServer:
         self.binary = require_redis()
         self.directory = directory
         self.persist = persist
-        self.port = free_port()
+        self.port = server_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
