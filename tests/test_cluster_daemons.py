@@ -125,6 +125,7 @@ class Cluster:
         self.settings = settings
         self.processes: list[Node] = []
         self.clients: list[WebSocketClient] = []
+        self.followers: list[Follower] = []
 
     def spawn(self, node_id: str, **settings: Any) -> Node:
         """Start one node's process (not waited for); a restart is a new process under the same id."""
@@ -153,6 +154,10 @@ class Cluster:
             client.close()
         self.clients.clear()
 
+    async def stop_followers(self) -> None:
+        for follower in self.followers:
+            await follower.stop()
+
     def stop(self) -> None:
         self.close_clients()
         for node in self.processes:
@@ -160,20 +165,22 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, redis_server: RedisServer) -> Iterator[Cluster]:
+def cluster(io_loop: Any, tmp_path: Path, redis_server: RedisServer) -> Iterator[Cluster]:
     """A cluster of the test's own (on the function's Redis); start its nodes with `await cluster.start(...)`."""
     nodes = Cluster(tmp_path / "nodes", redis_server)
     yield nodes
+    io_loop.run_sync(nodes.stop_followers)
     nodes.stop()
 
 
 @pytest.fixture
-def durable_cluster(tmp_path: Path) -> Iterator[Cluster]:
+def durable_cluster(io_loop: Any, tmp_path: Path) -> Iterator[Cluster]:
     """A cluster of the test's own on a Redis with persistence (appendonly yes, appendfsync always)."""
-    redis = RedisServer(tmp_path / "redis", persist=True)
     (tmp_path / "redis").mkdir()
-    nodes = Cluster(tmp_path / "nodes", redis.start())
+    redis = RedisServer(tmp_path / "redis", persist=True).start()
+    nodes = Cluster(tmp_path / "nodes", redis)
     yield nodes
+    io_loop.run_sync(nodes.stop_followers)
     nodes.stop()
     redis.stop()
 
@@ -298,6 +305,7 @@ class Follower:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        cluster.followers.append(self)
 
     def start(self, first: Node) -> Follower:
         self.node = first
@@ -312,14 +320,15 @@ class Follower:
 
     async def connected(self, count: int = 1, timeout: float = WAIT) -> dict[str, Any]:
         """Wait until it has been greeted `count` times; the latest greeting."""
-        await self._until(lambda: len(self.greetings) >= count, f"greeting {count}", timeout)
+        await self.until(lambda: len(self.greetings) >= count, f"greeting {count}", timeout)
         return self.greetings[-1]
 
     async def reached(self, seq: int, timeout: float = WAIT) -> None:
         """Wait until it received a session message with a seq of at least `seq`."""
-        await self._until(lambda: (self.last_seq or 0) >= seq, f"seq {seq}", timeout)
+        await self.until(lambda: (self.last_seq or 0) >= seq, f"seq {seq}", timeout)
 
-    async def _until(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+    async def until(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        """Wait until `condition()` holds (checked whenever it receives something); fail after `timeout`."""
         deadline = time.monotonic() + timeout
         while not condition():
             if self._task is not None and self._task.done():
@@ -455,6 +464,18 @@ def check_exactly_once(follower: Follower, publisher: Publisher) -> None:
         assert seq is not None and seq in by_seq, f"event {n} (seq {seq}) never arrived"
         assert by_seq[seq]["n"] == n, (seq, by_seq[seq])
     assert sorted(numbers_of(follower)) == list(range(1, publisher.sent + 1))
+
+
+async def caught_up(followers: list[Follower], publisher: Publisher, *, stayed: bool = True) -> None:
+    """Every follower got every acknowledged event once, in seq order, with no gap;
+    if `stayed`, on the connection it had from the start (it never had to reconnect)."""
+    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+    for follower in followers:
+        await follower.reached(last)
+        check_exactly_once(follower, publisher)
+        assert follower.gaps == []
+        if stayed:
+            assert len(follower.greetings) == 1, follower.closes
 
 
 async def poll(
@@ -770,10 +791,8 @@ async def test_kill_9_of_a_node_while_publishing_loses_nothing_that_was_acknowle
     a.kill()
     await killing
     await publisher.publish(30)
+    await caught_up(followers, publisher, stayed=False)
     for follower in followers:
-        await follower.reached(publisher.acked[publisher.event_id(publisher.sent)] or 0)
-        check_exactly_once(follower, publisher)
-        assert follower.gaps == []
         assert {g["epoch"] for g in follower.greetings} == {followers[0].greetings[0]["epoch"]}
     moved = [f for f in followers if len(f.greetings) > 1]
     assert len(moved) == 3, "the clients of the killed node reconnected elsewhere"
@@ -837,11 +856,9 @@ async def test_restarting_every_node_keeps_the_epoch_and_the_history(cluster):
         await node.ready()
     await publisher.publish(20)
 
+    await caught_up(followers, publisher, stayed=False)
     last = publisher.acked[publisher.event_id(publisher.sent)] or 0
     for follower in followers:
-        await follower.reached(last)
-        check_exactly_once(follower, publisher)
-        assert follower.gaps == []
         assert {g["epoch"] for g in follower.greetings} == {epoch}
         assert len(follower.greetings) >= 3  # it did lose its node (twice at least)
     page, greeting = await cluster.connect(current["a"], "restart", research=True)  # a page reloaded now
@@ -878,20 +895,26 @@ async def outage_checks(nodes: list[Node], followers: list[Follower]) -> None:
         assert (response.code, orjson.loads(response.body)) == (503, {"error": "backend unavailable"})
     since = time.monotonic()
     for follower in followers:
-        await follower._until(lambda f=follower: any(t > since for t in f.keepalives), "a keepalive meanwhile", 5)
+        await follower.until(lambda f=follower: any(t > since for t in f.keepalives), "a keepalive meanwhile", 5)
+
+
+async def under_load(cluster: Cluster, session_id: str) -> tuple[list[Node], list[Follower], Publisher, Any]:
+    """Two nodes; three followers of the session (on each node, and a research page); 30 events
+    published, 60 more on their way (retrying through whatever comes), 40 of them received."""
+    nodes = await cluster.start("a", "b")
+    followers = [Follower(cluster, lambda: nodes, session_id).start(node) for node in nodes]
+    followers.append(Follower(cluster, lambda: nodes, session_id, research=True).start(nodes[1]))
+    for follower in followers:
+        await follower.connected()
+    publisher = Publisher(lambda: nodes, session_id)
+    await publisher.publish(30)
+    publishing = asyncio.ensure_future(publisher.publish(60))
+    await followers[0].reached(40)
+    return nodes, followers, publisher, publishing
 
 
 async def test_redis_stopped_while_clients_are_connected_and_publishers_retry(cluster, redis_server):
-    a, b = await cluster.start("a", "b")
-    live = lambda: [a, b]  # noqa: E731
-    followers = [Follower(cluster, live, "hang").start(node) for node in (a, b)]
-    followers.append(Follower(cluster, live, "hang", research=True).start(b))
-    for follower in followers:
-        await follower.connected()
-    publisher = Publisher(live, "hang")
-    await publisher.publish(30)
-    publishing = asyncio.ensure_future(publisher.publish(60))  # goes on through the outage, retrying
-    await followers[0].reached(40)
+    [a, b], followers, publisher, publishing = await under_load(cluster, "hang")
     redis_server.pause()  # SIGSTOP: connections stay open, nothing answers
     try:
         await outage_checks([a, b], followers)
@@ -901,28 +924,15 @@ async def test_redis_stopped_while_clients_are_connected_and_publishers_retry(cl
     await publishing
     await publisher.publish(10)
     assert any(code == 503 for _, code in publisher.refusals), "the publisher never met the outage"
-    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
-    for follower in followers:
-        await follower.reached(last)
-        check_exactly_once(follower, publisher)
-        assert follower.gaps == [] and len(follower.greetings) == 1  # caught up on the connection it had
+    await caught_up(followers, publisher)  # on the connection each had
     for node in (a, b):
         assert (await session_info(node, "refused-whole"))[0] == 404
 
 
 async def test_redis_killed_and_restarted_with_persistence_loses_nothing_accepted(durable_cluster):
     redis = durable_cluster.redis
-    a, b = await durable_cluster.start("a", "b")
-    live = lambda: [a, b]  # noqa: E731
-    followers = [Follower(durable_cluster, live, "durable").start(node) for node in (a, b)]
-    followers.append(Follower(durable_cluster, live, "durable", research=True).start(a))
-    for follower in followers:
-        await follower.connected()
+    [a, b], followers, publisher, publishing = await under_load(durable_cluster, "durable")
     epoch = followers[0].greetings[0]["epoch"]
-    publisher = Publisher(live, "durable")
-    await publisher.publish(30)
-    publishing = asyncio.ensure_future(publisher.publish(60))
-    await followers[0].reached(40)
     redis.stop()  # SIGKILL
     try:
         await outage_checks([a, b], followers)
@@ -931,11 +941,8 @@ async def test_redis_killed_and_restarted_with_persistence_loses_nothing_accepte
     await readyz_everywhere([a, b], 200, "ready again")
     await publishing
     await publisher.publish(10)
-    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
+    await caught_up(followers, publisher)
     for follower in followers:
-        await follower.reached(last)
-        check_exactly_once(follower, publisher)
-        assert follower.gaps == [] and len(follower.greetings) == 1
         assert {m["epoch"] for m in follower.messages} == {epoch}
 
 
@@ -985,11 +992,7 @@ async def test_a_node_whose_subscription_is_cut_catches_up_in_order(cluster, red
     assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "yes") == b":2\r\n"
     await publishing
     await publisher.publish(10)
-    last = publisher.acked[publisher.event_id(publisher.sent)] or 0
-    for follower in followers:
-        await follower.reached(last)
-        check_exactly_once(follower, publisher)
-        assert follower.gaps == [] and len(follower.greetings) == 1
+    await caught_up(followers, publisher)
     for node in (a, b):
         await node.wait_log(event="pubsub_lost")
         await node.wait_log(event="pubsub_restored")

@@ -133,29 +133,28 @@ class BrokerProcess:
         """How many log lines so far have these fields."""
         return sum(1 for event in self.logs() if all(event.get(k) == v for k, v in fields.items()))
 
+    def _found(self, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """The line with these fields, None while there is none; fails once the process has exited without it."""
+        event = self.find_log(**fields)
+        if event is None and self.process.poll() is not None:
+            raise AssertionError(f"no log line with {fields} (exit {self.process.poll()}): {self.output()}")
+        return event
+
     async def wait_log(self, timeout: float = WAIT, **fields: Any) -> dict[str, Any]:
         """The first log line with these fields; fails if the process exits or time runs out."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            event = self.find_log(**fields)
-            if event is not None:
-                return event
-            if self.process.poll() is not None:
-                break
+        while (event := self._found(fields)) is None:
+            assert time.monotonic() < deadline, f"no log line with {fields} within {timeout} s: {self.output()}"
             await asyncio.sleep(POLL)  # noqa: sleep - bounded poll of another process's log file
-        raise AssertionError(f"no log line with {fields} (exit {self.process.poll()}): {self.output()}")
+        return event
 
     def wait_log_blocking(self, timeout: float = WAIT, **fields: Any) -> dict[str, Any]:
         """`wait_log` for callers outside an event loop (sync tests, module fixtures)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            event = self.find_log(**fields)
-            if event is not None:
-                return event
-            if self.process.poll() is not None:
-                break
+        while (event := self._found(fields)) is None:
+            assert time.monotonic() < deadline, f"no log line with {fields} within {timeout} s: {self.output()}"
             time.sleep(POLL)  # noqa: sleep - bounded poll of another process's log file
-        raise AssertionError(f"no log line with {fields} (exit {self.process.poll()}): {self.output()}")
+        return event
 
     def output(self) -> str:
         """The end of stdout and all of stderr, for failure messages."""
