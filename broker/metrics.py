@@ -236,6 +236,9 @@ def _histogram(name: str, documentation: str, histogram: LatencyHistogram) -> Hi
 def _cluster_metrics(node: ClusterNode) -> Iterator[Metric]:
     """What an operator watches on a Redis node: is Redis answering, is the subscription alive (the canary)."""
     subscriber = node.subscriber
+    info = GaugeMetricFamily("broker_node", "This node (always 1), named by its node_id.", labels=["node_id"])
+    info.add_metric([node.node_id], 1)
+    yield info
     yield _gauge("broker_redis_reachable", "1 while Redis answers this node's commands.", 1 if node.reachable else 0)
     yield _gauge(
         "broker_redis_subscription_healthy",

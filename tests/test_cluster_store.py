@@ -256,8 +256,10 @@ class MemoryModel:
 
 _task_ids = st.sampled_from(["a", "b"])
 _progress_event = st.builds(
-    lambda task, value, action: {"type": "task_progress", "task_id": task, "progress": value}
-    | ({} if action is None else {"current_action": action}),
+    lambda task, value, action: (
+        {"type": "task_progress", "task_id": task, "progress": value}
+        | ({} if action is None else {"current_action": action})
+    ),
     _task_ids,
     st.one_of(  # mostly small steps near 20 (held, replaced, exactly min_delta), sometimes anything
         *[st.sampled_from([20, 21, 22, 23, 24, 22.5])] * 6,
@@ -492,6 +494,19 @@ async def test_connections_are_listed_with_their_id_and_dropped(store):
     assert [c["connection_id"] for c in await store.connections(s)] == ["c2"]
     with pytest.raises(ValueError, match="events"):
         await store.put_connection(s, "c3", {"node_id": "n"}, 60_000)
+
+
+async def test_a_nodes_connections_of_many_sessions_are_written_in_one_call(store):
+    sessions = [sid() for _ in range(3)]
+    records = [
+        (s, f"c{n}", {"node_id": "n1", "user_id": None, "events": ["*"], "acked_seq": n})
+        for n, s in enumerate(sessions * 100)
+    ]
+    await store.put_connections(records, 60_000)
+    for s in sessions:
+        listed = await store.connections(s)
+        assert sorted(c["acked_seq"] for c in listed) == [n for n, (owner, _, _) in enumerate(records) if owner == s]
+    await store.put_connections([], 60_000)  # nothing to write: no call at all
 
 
 async def test_one_query_at_a_time_per_session(store):

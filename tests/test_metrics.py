@@ -139,13 +139,14 @@ async def test_gc_pauses_are_measured_and_exported(broker, http_server_client):
 
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 async def test_a_redis_node_reports_its_subscription_and_a_cut_one_is_counted(
-    connect, http_server_client, redis_server
+    connect, http_server_client, redis_server, broker
 ):
     """What an operator alerts on: Redis reachable, the subscription alive, and each time it was found deaf."""
     samples = await metrics(http_server_client)
     assert samples.value("broker_redis_reachable") == 1
     assert samples.value("broker_redis_subscription_healthy") == 1
     assert samples.value("broker_cluster_nodes") == 1
+    assert samples.value("broker_node", node_id=broker.cluster.node_id) == 1  # node_id names the node here too
     assert samples.value("broker_redis_reconnects_total") == 0
     client, _ = await connect("rm1", research=True)
     await publish(http_server_client, "rm1", [{"type": "task_started", "task_id": "t1"}])

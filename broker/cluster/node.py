@@ -234,17 +234,16 @@ class ClusterNode:
         """Write this node's connection figures (acked seq, queued bytes) for the cluster's session stats."""
         from broker.core import resolve  # the Broker's helper for actor replies
 
+        records: list[tuple[str, str, dict[str, Any]]] = []
         for sid, ref in self.directory.items():
             with contextlib.suppress(ActorDeadError):
                 info = await resolve(ref.ask(DescribeSession(), block=False))
                 for connection in (info or {}).get("connections", []):
                     described = await _describe(connection.pop("ref"))
-                    await self.store.put_connection(
-                        sid,
-                        connection["connection_id"],
-                        {**connection, **described, "node_id": self.node_id, "updated_ms": int(time.time() * 1000)},
-                        limits_of(self.settings).session_ttl_ms,
-                    )
+                    now_ms = int(time.time() * 1000)
+                    record = {**connection, **described, "node_id": self.node_id, "updated_ms": now_ms}
+                    records.append((sid, connection["connection_id"], record))
+        await self.store.put_connections(records, limits_of(self.settings).session_ttl_ms)
 
     async def _renew_query_locks(self) -> None:
         """Keep the locks of this node's running queries; one whose node died expires by itself."""

@@ -486,13 +486,27 @@ class RedisStore:
         the record with Redis time (`seen_ms`): the node refreshes it every check,
         and one it stops refreshing (it died) goes stale (Limits.connection_stale_ms).
         """
-        conns = self._keys(session_id)[6]
-        record = {k: v for k, v in info.items() if k != "seen_ms"}  # the script stamps it, by Redis time
-        record.setdefault("updated_ms", int(time.time() * 1000))
-        if not isinstance(record.get("events"), list):
-            raise ValueError("connection info needs 'events', the filter echo (a list of strings)")
-        args: list[str | bytes | int] = [connection_id, orjson.dumps(record), session_ttl_ms]
-        await self._run("put_connection", self._put_connection(keys=[conns], args=args))
+        await self.put_connections([(session_id, connection_id, info)], session_ttl_ms)
+
+    async def put_connections(self, records: list[tuple[str, str, dict[str, Any]]], session_ttl_ms: int) -> None:
+        """`put_connection` for many (session_id, connection_id, info) in one round trip.
+
+        A node refreshes every connection it holds each check; one round trip
+        each would make a node with many connections slower to refresh than
+        the 3 x backend_check_interval after which the others count its
+        records stale. Not a transaction: each record is its own script call.
+        """
+        if not records:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for session_id, connection_id, info in records:
+            record = {k: v for k, v in info.items() if k != "seen_ms"}  # the script stamps it, by Redis time
+            record.setdefault("updated_ms", int(time.time() * 1000))
+            if not isinstance(record.get("events"), list):
+                raise ValueError("connection info needs 'events', the filter echo (a list of strings)")
+            args: list[str | bytes | int] = [connection_id, orjson.dumps(record), session_ttl_ms]
+            await self._put_connection(keys=[self._keys(session_id)[6]], args=args, client=pipe)  # queues it
+        await self._run("put_connections", pipe.execute())
 
     async def drop_connection(self, session_id: str, connection_id: str) -> None:
         """Forget one connection."""
