@@ -1,9 +1,9 @@
-"""Two nodes on one real Redis, over real sockets (docs/protocol.md section 7; issue 12, in progress).
+"""Two nodes on one real Redis, over real sockets, in one process (docs/protocol.md section 7).
 
 Both nodes are Brokers with their own application and HTTP server on the
-test's loop, sharing one redis-server of the test's own. (Tests with
-separate daemon processes, kill -9 and Redis faults under load are still to
-come: see docs/cluster.md.)
+test's loop, sharing one redis-server of the test's own: quick to start, and
+able to look inside a node. The same rules with separate daemon processes,
+kill -9, restarts and Redis faults under load are tests/test_cluster_daemons.py.
 """
 
 from __future__ import annotations
