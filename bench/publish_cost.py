@@ -78,6 +78,8 @@ class Server:
                 [*command, "--port", str(self.port)], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT
             )
         self.pid = self.proc.pid
+        #: actor-broker is ready when /readyz says so (on Redis: once its node has heard Redis back)
+        self.ready_path = "/readyz" if target == "broker" else "/healthz"
 
     async def ready(self) -> None:
         deadline = time.monotonic() + 30
@@ -86,20 +88,21 @@ class Server:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log_path}")
             try:
                 http = await Http.connect(self.port)
-                status, _ = await http.request("GET", "/healthz")
+                status, _ = await http.request("GET", self.ready_path)
                 http.close()
                 if status == 200:
                     return
             except (OSError, asyncio.IncompleteReadError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no 200 from /healthz within 30 s; see {self.log_path}")
+                raise RuntimeError(f"no 200 from {self.ready_path} within 30 s; see {self.log_path}")
             await asyncio.sleep(0.1)  # a bounded poll of another process
 
     def logged_errors(self) -> list[str]:
         with open(self.log_path, "rb") as f:
             text = f.read().decode("utf-8", "replace")
-        return [line for line in text.splitlines() if '"level": "error"' in line or line.startswith("Traceback")]
+        errors = [line for line in text.splitlines() if '"level": "error"' in line or line.startswith("Traceback")]
+        return [line for line in errors if '"path": "/readyz"' not in line]  # our own polls before it is ready
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -229,7 +232,8 @@ async def paced(port: int, sessions: list[str], rate: float, count: int) -> tupl
 
 
 async def one_round(server: Server, args: argparse.Namespace, n: int) -> dict[str, float | None]:
-    sessions = [f"cost-r{n}-s{i}" for i in range(args.sessions)]
+    # fresh names every run: a Redis backend keeps sessions (and their seqs) from the run before
+    sessions = [f"cost-{os.getpid()}-r{n}-s{i}" for i in range(args.sessions)]
     per_session = args.clients // args.sessions
     clients = None
     if per_session:

@@ -12,7 +12,9 @@ server with three things Tornado does not do:
   accept; between requests the connection may be idle for `idle_timeout`,
   and once a byte of the next request arrives its headers get
   `header_timeout`; a request body that stops arriving for `idle_timeout`
-  is closed too. Tornado's own timer stays as a backstop above both. A
+  is closed too. Tornado's own timer is off: the clock covers every wait
+  it covered, and it cost every request a timer, two futures and a loop
+  turn (a tenth of the server CPU of a one-event publish; issue 14). A
   connection that became a WebSocket or a streamed response has no timer
   here (pings and slow-consumer rules govern it).
 * **Accepting without a busy loop.** Tornado's accept handler lets an
@@ -386,8 +388,9 @@ class GuardedHTTPServer(HTTPServer):
         budget: DescriptorBudget,
         **kwargs: Any,
     ) -> None:
-        current = settings()
-        super().initialize(request_callback, idle_connection_timeout=_backstop(current), **kwargs)
+        super().initialize(request_callback, **kwargs)
+        # Tornado's per-request header timer (gen.with_timeout, 3600 s unless given): off, see the module docstring.
+        self.conn_params.header_timeout = None
         self.settings = settings
         self.budget = budget
         self._acceptors: list[Acceptor] = []
@@ -414,8 +417,6 @@ class GuardedHTTPServer(HTTPServer):
         )
         self.budget.socket_opened()
         clock.accepted()  # Tornado asks for the first request a loop turn later: the clock starts now
-        # Tornado's own header timer, kept above ours (a reload may have moved ours).
-        self.conn_params.header_timeout = _backstop(self.settings())
         self.handle_stream(stream, address)
         if self.budget.over_budget():
             self._shed(clock)
@@ -467,8 +468,3 @@ class GuardedHTTPServer(HTTPServer):
         self._shed_log.note(
             {"shed": 1}, descriptors_in_use=self.budget.in_use, budget=self.budget.budget, limit=self.budget.limit
         )
-
-
-def _backstop(settings: Settings) -> float:
-    """Tornado's own timer for a request's wait plus headers: above anything ours allows."""
-    return settings.idle_timeout + settings.header_timeout + 1.0
