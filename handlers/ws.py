@@ -38,6 +38,9 @@ from handlers.origins import origin_allowed
 
 log = structlog.get_logger("actor_broker.ws")
 
+#: The name of each connection's frame-reading task (a test harness waits for them before closing its loop).
+FRAME_LOOP = "websocket-frames"
+
 
 class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebSocketHandler):
     # Ours in slots: Tornado's ~27 attributes then still fit a shared-key
@@ -149,8 +152,9 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
         protocol = self._upgrade(args, kwargs)
         if protocol is None:
             return
-        handshake = self._handshake = asyncio.get_running_loop().create_future()
-        frames = self._frames = asyncio.ensure_future(protocol.accept_connection(self))
+        loop = asyncio.get_running_loop()
+        handshake = self._handshake = loop.create_future()
+        frames = self._frames = loop.create_task(protocol.accept_connection(self), name=FRAME_LOOP)
         frames.add_done_callback(self._frames_ended)
         await handshake  # `open` resolves it, or the frame task's end (with its error, if any)
 

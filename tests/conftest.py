@@ -16,6 +16,7 @@ from broker.app import make_app
 from broker.config import Settings
 from broker.core import Broker
 from broker.testing import ActorHarness
+from handlers.ws import FRAME_LOOP
 from tests.support.redis import RedisServer
 from tests.support.wire import Clients
 
@@ -72,7 +73,19 @@ def broker(io_loop, settings, backend, request):
         ref.stop(block=False)
     io_loop.run_sync(lambda: asyncio.sleep(0))  # noqa: sleep - one loop turn so the stops run
     io_loop.run_sync(b.close)
+    io_loop.run_sync(frame_loops_ended)
     install_dispatcher(previous)
+
+
+async def frame_loops_ended() -> None:
+    """Let each WebSocket's frame task see its closed socket and end before the loop closes.
+
+    A task still pending when its loop closes is destroyed later by the
+    collector, and pytest pins that "Task was destroyed" on whichever test runs then.
+    """
+    pending = [t for t in asyncio.all_tasks() if t.get_name() == FRAME_LOOP]
+    if pending:
+        await asyncio.wait(pending, timeout=5)
 
 
 @pytest.fixture

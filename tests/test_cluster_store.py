@@ -680,3 +680,30 @@ async def test_check_server_warns_about_an_evicting_redis(store, raw):
     await raw.config_set("maxmemory-policy", "allkeys-lru")
     warnings = await store.check_server()
     assert len(warnings) == 1 and "noeviction" in warnings[0]
+
+
+async def test_a_pool_kept_busy_is_reported_as_this_nodes_overload_not_as_redis_down(redis_server):
+    """Every pooled connection held past the pool's wait: the call is refused as PoolExhausted (the node stays
+    ready; a plain BackendUnavailable would mark Redis unreachable and refuse everything until the next check)."""
+    from redis.asyncio import BlockingConnectionPool
+
+    from broker.cluster.store import PoolExhausted
+
+    pool = BlockingConnectionPool.from_url(redis_server.url, max_connections=1, timeout=0.2)
+    store = RedisStore(Redis(connection_pool=pool))
+    holder = asyncio.ensure_future(store.client.blpop(["nothing-ever-arrives"], timeout=2))  # holds the one connection
+    try:
+        await wait_until(lambda: asyncio.sleep(0, pool._in_use_connections), lambda busy: len(busy) == 1)
+        with pytest.raises(PoolExhausted, match="pool exhausted during ping"):
+            await store.ping()
+    finally:
+        holder.cancel()
+        await store.close()
+
+
+async def test_connections_joining_and_leaving_are_written_together(store):
+    s = sid()
+    puts = [(s, f"c{n}", {"node_id": "n1", "user_id": None, "events": ["*"]}) for n in range(5)]
+    await store.write_connections(puts, [], 60_000)
+    await store.write_connections(puts[:1], [(s, "c1"), (s, "c2")], 60_000)
+    assert sorted(c["connection_id"] for c in await store.connections(s)) == ["c0", "c3", "c4"]

@@ -49,7 +49,7 @@ from actors.messages import (
 )
 from actors.wire import iso_timestamp
 from broker.cluster.payload import Deleted, parse_payload
-from broker.cluster.store import BackendUnavailable, EventMeta, Limits, RedisStore, Slice
+from broker.cluster.store import BackendUnavailable, EventMeta, Limits, PoolExhausted, RedisStore, Slice
 from broker.cluster.subscriber import Subscriber
 
 if TYPE_CHECKING:
@@ -128,6 +128,9 @@ class ClusterNode:
         self._chains: dict[str, asyncio.Future[Any]] = {}
         self._timers: list[asyncio.Task[None]] = []
         self._query_ids: dict[str, str] = {}
+        #: connection records waiting for the writer ((session_id, connection_id) -> record, None to forget)
+        self._records: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self._record_writer: asyncio.Task[Any] | None = None
         self._subscribed = False  # the Subscriber started once; it reconnects by itself from then on
         self._stopping = False
 
@@ -226,6 +229,9 @@ class ClusterNode:
         self.reachable = True
 
     def _unreachable(self, exc: BaseException) -> None:
+        if isinstance(exc, PoolExhausted):  # this node is overloaded; Redis answers (the call alone is refused)
+            self.log.warning("backend_pool_exhausted", error=str(exc))
+            return
         if self.reachable:
             self.log.warning("backend_unreachable", error=str(exc))
         self.reachable = False
@@ -335,11 +341,32 @@ class ClusterNode:
             "queued_bytes": 0,
             "updated_ms": int(time.time() * 1000),
         }
-        ttl = limits_of(self.settings).session_ttl_ms
-        self._spawn(self.store.put_connection(session_id, connection_id, info, ttl))
+        self._record_connection(session_id, connection_id, info)
 
     def left(self, session_id: str, connection_id: str) -> None:
-        self._spawn(self.store.drop_connection(session_id, connection_id))
+        self._record_connection(session_id, connection_id, None)
+
+    def _record_connection(self, session_id: str, connection_id: str, info: dict[str, Any] | None) -> None:
+        """Queue a connection's record (None: forget it); one writer sends what queued up in one round trip.
+
+        A reconnect storm joins and leaves hundreds of connections at once; a
+        call each would hold every pooled connection (and starve publishes).
+        Only the newest state of a connection is written, in the order the
+        writer takes them.
+        """
+        self._records[(session_id, connection_id)] = info
+        if self._record_writer is None:
+            self._record_writer = self._spawn(self._write_records())
+
+    async def _write_records(self) -> None:
+        try:
+            while self._records:
+                batch, self._records = self._records, {}
+                puts = [(sid, cid, info) for (sid, cid), info in batch.items() if info is not None]
+                drops = [key for key, info in batch.items() if info is None]
+                await self.store.write_connections(puts, drops, limits_of(self.settings).session_ttl_ms)
+        finally:
+            self._record_writer = None
 
     def take_missed(self, session_id: str, connection_id: str, events: list[str], reply_to: ActorRef[Any]) -> None:
         async def take() -> None:

@@ -84,6 +84,13 @@ class BackendUnavailable(Exception):  # noqa: N818 - the design's name; it is a 
     """
 
 
+class PoolExhausted(BackendUnavailable):
+    """Every pooled connection stayed busy for the pool's whole wait: this node is
+    overloaded, Redis itself may be fine. The call is refused (503), but the node
+    is not marked unreachable for it (that would refuse everything until the next
+    check)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     """One committed message, as the stream keeps it."""
@@ -280,6 +287,9 @@ class RedisStore:
         try:
             return await call
         except Exception as exc:
+            if isinstance(exc, rx.ConnectionError) and str(exc).startswith("No connection available"):
+                # redis-py's BlockingConnectionPool wait ran out (its only signal for that is this message)
+                raise PoolExhausted(f"redis pool exhausted during {what}: every connection stayed busy") from exc
             if _unavailable(exc):
                 raise BackendUnavailable(f"redis unavailable during {what}: {type(exc).__name__}: {exc}") from exc
             raise
@@ -494,23 +504,31 @@ class RedisStore:
         A node refreshes every connection it holds each check; one round trip
         each would make a node with many connections slower to refresh than
         the 3 x backend_check_interval after which the others count its
-        records stale. Not a transaction: each record is its own script call.
+        records stale.
         """
-        if not records:
+        await self.write_connections(records, [], session_ttl_ms)
+
+    async def drop_connection(self, session_id: str, connection_id: str) -> None:
+        """Forget one connection."""
+        await self.write_connections([], [(session_id, connection_id)], 0)
+
+    async def write_connections(
+        self, puts: list[tuple[str, str, dict[str, Any]]], drops: list[tuple[str, str]], session_ttl_ms: int
+    ) -> None:
+        """Register, refresh and forget many connections in one round trip (a pipeline, not a transaction)."""
+        if not puts and not drops:
             return
         pipe = self.client.pipeline(transaction=False)
-        for session_id, connection_id, info in records:
+        for session_id, connection_id, info in puts:
             record = {k: v for k, v in info.items() if k != "seen_ms"}  # the script stamps it, by Redis time
             record.setdefault("updated_ms", int(time.time() * 1000))
             if not isinstance(record.get("events"), list):
                 raise ValueError("connection info needs 'events', the filter echo (a list of strings)")
             args: list[str | bytes | int] = [connection_id, orjson.dumps(record), session_ttl_ms]
             await self._put_connection(keys=[self._keys(session_id)[6]], args=args, client=pipe)  # queues it
-        await self._run("put_connections", pipe.execute())
-
-    async def drop_connection(self, session_id: str, connection_id: str) -> None:
-        """Forget one connection."""
-        await self._run("drop_connection", self.client.hdel(self._keys(session_id)[6], connection_id))
+        for session_id, connection_id in drops:
+            pipe.hdel(self._keys(session_id)[6], connection_id)
+        await self._run("write_connections", pipe.execute())
 
     async def connections(self, session_id: str, stale_ms: int = 0) -> list[dict[str, Any]]:
         """The session's connections on every node, each with `connection_id` added; records
