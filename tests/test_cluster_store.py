@@ -691,14 +691,14 @@ async def test_a_pool_kept_busy_is_reported_as_this_nodes_overload_not_as_redis_
 
     pool = BlockingConnectionPool.from_url(redis_server.url, max_connections=1, timeout=0.2)
     store = RedisStore(Redis(connection_pool=pool))
-    holder = asyncio.ensure_future(store.client.blpop(["nothing-ever-arrives"], timeout=2))  # holds the one connection
+    held = await pool.get_connection()  # the pool's one connection, busy until released
     try:
-        await wait_until(lambda: asyncio.sleep(0, pool._in_use_connections), lambda busy: len(busy) == 1)
         with pytest.raises(PoolExhausted, match="pool exhausted during ping"):
             await store.ping()
     finally:
-        holder.cancel()
-        await store.close()
+        await pool.release(held)
+    await store.ping()  # released: the same store answers again
+    await store.close()
 
 
 async def test_connections_joining_and_leaving_are_written_together(store):
