@@ -195,6 +195,27 @@ class LoopActorRef(ActorRef[Any]):
     actor_inbox: Inbox
     actor_stopped: _StoppedFlag  # type: ignore[assignment]  # pykka declares a threading.Event
 
+    def ask_now(self, message: Any) -> tuple[bool, Any]:
+        """`(True, answer)` if the actor was idle and handled `message` in this call; else `(False, None)`.
+
+        Idle: started, nothing in its inbox, not in a turn, and the caller on
+        the dispatcher's thread (never from inside another actor's turn). Then
+        handling it now is what the dispatcher's next turn would do, without
+        the ask's future and the loop turns before the answer. As for an ask,
+        an exception from `on_receive` goes to the caller and the actor lives on.
+        """
+        inbox = self.actor_inbox
+        actor = inbox.actor
+        if (
+            actor is None
+            or self.actor_stopped._set  # noqa: SLF001
+            or inbox.scheduled
+            or inbox.queue
+            or _get_ident() != inbox.dispatcher.thread_id
+        ):
+            return False, None
+        return True, actor.on_receive(message)
+
     def tell(self, message: Any) -> None:
         if self.actor_stopped._set:  # noqa: SLF001
             msg = f"{self} not found"

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import pykka
@@ -19,7 +19,7 @@ import structlog
 
 from actors.connection import ConnectionActor
 from actors.directory import SessionDirectory
-from actors.inbox import Inbox
+from actors.inbox import LoopActorRef
 from actors.lease import TokenLease
 from actors.messages import (
     FOLLOW_SETTINGS,
@@ -154,29 +154,22 @@ class Broker:
     def publish_now(self, events: list[dict[str, Any]]) -> list[int | None] | None:
         """The seqs of validated events published before this returns; None: `await publish(events)` instead.
 
-        On the memory backend, events for one session whose actor is idle
-        (started, nothing in its mailbox, not in a turn) are handled here and
-        now, on the loop thread, exactly as the dispatcher would handle the
-        `Publish` on its next turn: the same message, the same answer, without
-        the ask's future and the loop turns between it and the 202 (issue 14).
-        Anything else returns None: a cluster (the publish is a Redis round
-        trip), a session that is new, busy or closing, several sessions,
-        another thread. Not to be called from inside an actor's turn.
+        On the memory backend, events for one existing session whose actor is
+        idle are handled at once (`LoopActorRef.ask_now`): the same `Publish`,
+        the same answer, without the ask's future and the loop turns between it
+        and the 202 (issue 14). None for a cluster (the publish is a Redis round
+        trip), a new or busy session, or several sessions.
         """
-        if self.cluster is not None or not events or not self._dispatcher.on_thread():
+        if self.cluster is not None or not events:
             return None
         session_id = events[0]["session_id"]
         if len(events) > 1 and any(event["session_id"] != session_id for event in events):
             return None
         ref = self.directory.get(session_id)
-        inbox = ref.actor_inbox if ref is not None else None
-        if not isinstance(inbox, Inbox) or inbox.scheduled or inbox.queue:
+        if not isinstance(ref, LoopActorRef):
             return None
-        actor = inbox.actor
-        if not isinstance(actor, SessionActor) or actor.closing or actor.actor_stopped.is_set():
-            return None
-        seqs: list[int | None] = actor.on_receive(Publish(events))
-        return seqs
+        handled, seqs = ref.ask_now(Publish(events))
+        return cast("list[int | None]", seqs) if handled else None
 
     async def publish_events(self, *events: dict[str, Any]) -> list[int | None]:
         """In-process publishing with a reply: validate (ValidationFailed), publish, return seqs.
