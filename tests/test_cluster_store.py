@@ -502,11 +502,11 @@ async def test_a_nodes_connections_of_many_sessions_are_written_in_one_call(stor
         (s, f"c{n}", {"node_id": "n1", "user_id": None, "events": ["*"], "acked_seq": n})
         for n, s in enumerate(sessions * 100)
     ]
-    await store.put_connections(records, 60_000)
+    await store.write_connections(records, [], 60_000)
     for s in sessions:
         listed = await store.connections(s)
         assert sorted(c["acked_seq"] for c in listed) == [n for n, (owner, _, _) in enumerate(records) if owner == s]
-    await store.put_connections([], 60_000)  # nothing to write: no call at all
+    await store.write_connections([], [], 60_000)  # nothing to write: no call at all
 
 
 async def test_one_query_at_a_time_per_session(store):

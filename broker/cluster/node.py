@@ -249,7 +249,7 @@ class ClusterNode:
                     now_ms = int(time.time() * 1000)
                     record = {**connection, **described, "node_id": self.node_id, "updated_ms": now_ms}
                     records.append((sid, connection["connection_id"], record))
-        await self.store.put_connections(records, limits_of(self.settings).session_ttl_ms)
+        await self.store.write_connections(records, [], limits_of(self.settings).session_ttl_ms)
 
     async def _renew_query_locks(self) -> None:
         """Keep the locks of this node's running queries; one whose node died expires by itself."""

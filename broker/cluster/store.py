@@ -496,17 +496,7 @@ class RedisStore:
         the record with Redis time (`seen_ms`): the node refreshes it every check,
         and one it stops refreshing (it died) goes stale (Limits.connection_stale_ms).
         """
-        await self.put_connections([(session_id, connection_id, info)], session_ttl_ms)
-
-    async def put_connections(self, records: list[tuple[str, str, dict[str, Any]]], session_ttl_ms: int) -> None:
-        """`put_connection` for many (session_id, connection_id, info) in one round trip.
-
-        A node refreshes every connection it holds each check; one round trip
-        each would make a node with many connections slower to refresh than
-        the 3 x backend_check_interval after which the others count its
-        records stale.
-        """
-        await self.write_connections(records, [], session_ttl_ms)
+        await self.write_connections([(session_id, connection_id, info)], [], session_ttl_ms)
 
     async def drop_connection(self, session_id: str, connection_id: str) -> None:
         """Forget one connection."""
@@ -515,7 +505,13 @@ class RedisStore:
     async def write_connections(
         self, puts: list[tuple[str, str, dict[str, Any]]], drops: list[tuple[str, str]], session_ttl_ms: int
     ) -> None:
-        """Register, refresh and forget many connections in one round trip (a pipeline, not a transaction)."""
+        """Register, refresh and forget many connections in one round trip (a pipeline, not a transaction).
+
+        A node refreshes every connection it holds each check, and a reconnect
+        storm joins and leaves hundreds at once; a round trip each would hold
+        the pool, and a node slower to refresh than 3 x backend_check_interval
+        would look dead to the others.
+        """
         if not puts and not drops:
             return
         pipe = self.client.pipeline(transaction=False)
