@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -47,7 +44,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # bench/run.py's keep-alive client, its seq check and its profile summary; the rest is here,
 # so that this script keeps working while run.py's drivers change
-from run import BASELINE, CLK_TCK, EVENT_TYPE, LOADGEN, LOADGEN_DIR, NODE, Http, Published, now_ms, summarize_profile
+from run import (
+    BASELINE,
+    CLK_TCK,
+    EVENT_TYPE,
+    LOADGEN_DIR,
+    Http,
+    Loadgen,
+    Published,
+    now_ms,
+    record_py_spy,
+    stop_py_spy,
+    summarize_profile,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_FASTAPI = os.path.join(ROOT, "bench", "peer_fastapi.py")
@@ -113,26 +122,14 @@ class Server:
             self.proc.wait()
 
 
-class Clients:
+class Clients(Loadgen):
     """bench/loadgen with idle WebSocket clients that check every seq and time every delivery."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
     @classmethod
-    async def open(cls, server: Server, target: str, config: dict[str, Any]) -> Clients:
+    async def open(cls, server: Server, target: str, config: dict[str, Any]) -> Loadgen:
         base = f"ws://127.0.0.1:{server.port}/ws/research/"
         query = "?replay=none" if target == "broker" else ""
-        proc = await asyncio.create_subprocess_exec(
-            NODE,
-            LOADGEN,
-            json.dumps({"base": base, "bases": [base], "query": query, **config}),
-            cwd=LOADGEN_DIR,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=16 * 1024 * 1024,
-        )
-        clients = cls(proc)
+        clients = await cls.spawn({"base": base, "bases": [base], "query": query, **config})
         await clients.expect("warm")
         clients.send(cmd="open")
         ready = await clients.expect("ready", timeout=180)
@@ -140,51 +137,6 @@ class Clients:
             await clients.close()
             raise RuntimeError(f"only {ready['greeted']} of {ready['clients']} clients were greeted")
         return clients
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
-
-    async def expect(self, event: str, timeout: float = 120) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        while True:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-            if not line:
-                raise RuntimeError(f"the load generator exited waiting for {event!r}")
-            message: dict[str, Any] = json.loads(line)
-            if message.get("event") == "fatal":
-                raise RuntimeError(f"the load generator failed: {message['error']}")
-            if message.get("event") == event:
-                return message
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(Exception):
-                self.send(cmd="exit")
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-def start_py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(py_spy):
-        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
-    return subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output", out],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def stop_py_spy(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def user_system_seconds(pid: int) -> tuple[float, float]:
@@ -243,7 +195,7 @@ async def one_round(server: Server, args: argparse.Namespace, n: int) -> dict[st
     spy = None
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
-        spy = start_py_spy(server.pid, os.path.join(args.profile, f"{args.target}-publish-r{n}.txt"))
+        spy = record_py_spy(server.pid, os.path.join(args.profile, f"{args.target}-publish-r{n}.txt"))
     try:
         await asyncio.sleep(0.5)  # the clients' greetings are written and the server is idle again
         before = user_system_seconds(server.pid)

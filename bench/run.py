@@ -574,7 +574,11 @@ class Loadgen:
     @classmethod
     async def start(cls, dep: Deployment, config: dict[str, Any]) -> Loadgen:
         # several bases: client i connects to node i % n (a session's clients are on every node)
-        config = {"bases": dep.ws_bases, "query": dep.ws_query, **config}
+        return await cls.spawn({"bases": dep.ws_bases, "query": dep.ws_query, **config})
+
+    @classmethod
+    async def spawn(cls, config: dict[str, Any]) -> Loadgen:
+        """The process, given its whole config (bench/publish_cost.py builds its own)."""
         proc = await asyncio.create_subprocess_exec(
             NODE,
             LOADGEN,
@@ -1169,13 +1173,17 @@ def profiled(dep: Deployment, profile_dir: str | None, name: str) -> Iterator[No
 
 
 def start_py_spy(server: Server, profile_dir: str, name: str) -> subprocess.Popen[bytes]:
+    os.makedirs(profile_dir, exist_ok=True)
+    return record_py_spy(server.pid, os.path.join(profile_dir, f"{server.tag}-{name}.txt"))
+
+
+def record_py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy recording process `pid` into `out` (raw, collapsed stacks) until stop_py_spy."""
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(py_spy):
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
-    os.makedirs(profile_dir, exist_ok=True)
-    out = os.path.join(profile_dir, f"{server.tag}-{name}.txt")
     return subprocess.Popen(
-        [py_spy, "record", "--pid", str(server.pid), "--format", "raw", "--rate", "200", "--output", out],
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output", out],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
