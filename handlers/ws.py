@@ -40,9 +40,6 @@ log = structlog.get_logger("actor_broker.ws")
 
 #: The name of each connection's frame-reading task (a test harness waits for them before closing its loop).
 FRAME_LOOP = "websocket-frames"
-#: Every frame task still running: the loop holds tasks weakly, and one whose loop closed under it
-#: (a test's) must not be collected mid-run and reported against whatever runs then.
-_FRAME_TASKS: set[asyncio.Task[None]] = set()
 
 
 class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebSocketHandler):
@@ -158,8 +155,6 @@ class BrokerWebSocket(RequestIdMixin, HandshakeArguments, tornado.websocket.WebS
         loop = asyncio.get_running_loop()
         handshake = self._handshake = loop.create_future()
         frames = self._frames = loop.create_task(protocol.accept_connection(self), name=FRAME_LOOP)
-        _FRAME_TASKS.add(frames)
-        frames.add_done_callback(_FRAME_TASKS.discard)
         frames.add_done_callback(self._frames_ended)
         await handshake  # `open` resolves it, or the frame task's end (with its error, if any)
 

@@ -78,12 +78,16 @@ def broker(io_loop, settings, backend, request):
 
 
 async def frame_loops_ended() -> None:
-    """Let each WebSocket's frame task see its closed socket and end before the loop closes.
+    """End each WebSocket's frame task before the loop closes.
 
-    A task still pending when its loop closes is destroyed later by the
-    collector, and pytest pins that "Task was destroyed" on whichever test runs then.
+    A task still pending when its loop closes (its socket is closed with the
+    loop's descriptors, after this) is destroyed later by the collector, and
+    pytest pins that "Task was destroyed" on whichever test runs then. The
+    actors are stopped by now, so each task is cancelled and awaited.
     """
     pending = [t for t in asyncio.all_tasks() if t.get_name() == FRAME_LOOP]
+    for task in pending:
+        task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=5)
 
