@@ -229,7 +229,14 @@ class EventStreamHandler(HandshakeArguments, ApiHandler):
             del headers[name]
 
     def end_stream(self, tail: bytes) -> None:
-        """Write `tail` and end the response; a reader that does not take it loses its socket after CLOSE_GRACE."""
+        """Write `tail`, end the response, and close the connection once the tail has gone out.
+
+        An ended stream's connection is never reused (EventSource reconnects
+        on a new one), so it is closed as soon as the tail is in the kernel's
+        hands (which still delivers it, then the FIN); a reader that does not
+        take it within CLOSE_GRACE loses its socket. Left open, a client that
+        never reads would hold its descriptor as long as it liked.
+        """
         stream = getattr(self.request.connection, "stream", None)
         self.finish(tail)
         if stream is None or stream.closed():
@@ -239,10 +246,16 @@ class EventStreamHandler(HandshakeArguments, ApiHandler):
         except StreamClosedError:
             return
         if drained.done():
+            stream.close()
             return
         io_loop = IOLoop.current()
         timer = io_loop.call_later(CLOSE_GRACE, stream.close)
-        drained.add_done_callback(lambda _: io_loop.remove_timeout(timer))
+
+        def gone_out(_: object) -> None:
+            io_loop.remove_timeout(timer)
+            stream.close()
+
+        drained.add_done_callback(gone_out)
 
     def on_connection_close(self) -> None:
         """The client went away (or its socket was closed)."""
