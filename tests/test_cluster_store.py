@@ -26,7 +26,7 @@ from redis.asyncio.connection import Connection
 
 from actors.dedup import DedupWindow
 from actors.throttle import ProgressThrottle, Verdict
-from broker.cluster.store import BackendUnavailable, EventMeta, Limits, RedisStore, Slice
+from broker.cluster.store import PIPELINE_CHUNK, BackendUnavailable, EventMeta, Limits, RedisStore, Slice
 from tests.support.wire import wait_until
 
 LIMITS = Limits(buffer_size=100, dedup_window_ms=300_000, min_delta=5, max_interval_ms=1000, session_ttl_ms=3_600_000)
@@ -468,6 +468,15 @@ async def test_every_key_of_a_session_expires_session_ttl_after_a_publish_or_a_t
         assert 0 < await raw.pttl(key) <= 5_000
 
 
+async def test_a_touch_of_more_sessions_than_one_pipeline_takes_reaches_every_one(store, raw):
+    sessions = [sid() for _ in range(PIPELINE_CHUNK + 1)]  # one script call a session: two pipelines
+    for s in sessions:
+        await store.put_connection(s, "c1", {"node_id": "n", "user_id": None, "events": ["*"]}, 60_000)
+    await store.touch(sessions, 5_000)
+    for s in sessions:
+        assert 0 < await raw.pttl(f"ab:{{{s}}}:conns") <= 5_000
+
+
 async def test_a_session_whose_meta_expired_starts_afresh_even_if_other_keys_linger(store, raw):
     s = sid()
     await publish(store, s, event(event_id="a"), event(), event())
@@ -496,11 +505,13 @@ async def test_connections_are_listed_with_their_id_and_dropped(store):
         await store.put_connection(s, "c3", {"node_id": "n"}, 60_000)
 
 
-async def test_a_nodes_connections_of_many_sessions_are_written_in_one_call(store):
-    sessions = [sid() for _ in range(3)]
+async def test_a_nodes_connections_of_many_sessions_are_written_in_bounded_pipelines(store):
+    # more sessions than one pipeline takes (PIPELINE_CHUNK), and one session with more records
+    # than one call takes: every record is written, none twice
+    sessions = [sid() for _ in range(PIPELINE_CHUNK + 2)]
+    owners = sessions * 2 + [sessions[0]] * 300
     records = [
-        (s, f"c{n}", {"node_id": "n1", "user_id": None, "events": ["*"], "acked_seq": n})
-        for n, s in enumerate(sessions * 100)
+        (s, f"c{n}", {"node_id": "n1", "user_id": None, "events": ["*"], "acked_seq": n}) for n, s in enumerate(owners)
     ]
     await store.write_connections(records, [], 60_000)
     for s in sessions:
