@@ -111,7 +111,7 @@ class SessionActor(LoopActor):
         self._forget()
 
     def _forget(self) -> None:
-        self.queries.abandon()
+        self.queries.close()
         self.directory.remove(self.session_id, self.actor_ref)
         self.stats.buffered_changed(len(self.history), 0)
         self.stats.connected_sessions.discard(self.session_id)

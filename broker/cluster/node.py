@@ -242,6 +242,8 @@ class ClusterNode:
 
         records: list[tuple[str, str, dict[str, Any]]] = []
         for sid, ref in self.directory.items():
+            if not ref.is_alive():  # an ask of a stopped actor raises: a cycle through its traceback
+                continue
             with contextlib.suppress(ActorDeadError):
                 info = await resolve(ref.ask(DescribeSession(), block=False))
                 for connection in (info or {}).get("connections", []):
@@ -549,6 +551,8 @@ def _as_history(part: Slice) -> HistorySlice:
 
 
 async def _describe(ref: ActorRef[Any]) -> dict[str, Any]:
+    if not ref.is_alive():  # left since its session listed it (the common case): no ask, no ActorDeadError
+        return {}
     try:
         answer: dict[str, Any] = await ref.ask(DescribeConnection(), block=False)
     except ActorDeadError:
