@@ -49,7 +49,15 @@ from actors.messages import (
 )
 from actors.wire import iso_timestamp
 from broker.cluster.payload import Deleted, parse_payload
-from broker.cluster.store import BackendUnavailable, EventMeta, Limits, PoolExhausted, RedisStore, Slice
+from broker.cluster.store import (
+    BackendUnavailable,
+    EventMeta,
+    Limits,
+    PoolExhausted,
+    PublishResult,
+    RedisStore,
+    Slice,
+)
 from broker.cluster.subscriber import Subscriber
 
 if TYPE_CHECKING:
@@ -282,19 +290,19 @@ class ClusterNode:
         for index, event in enumerate(events):
             by_session.setdefault(event["session_id"], []).append(index)
         limits = limits_of(self.settings)
+        queries = release_query or {}
+
+        def call(sid: str, indexes: list[int]) -> Coroutine[Any, Any, PublishResult]:
+            encoded = [encode(events[i]) for i in indexes]
+            metas = [EventMeta.of(events[i]) for i in indexes]
+            return self.store.publish(sid, encoded, metas, limits, release_query=queries.get(sid))
+
         try:
-            results = await asyncio.gather(
-                *(
-                    self.store.publish(
-                        sid,
-                        [encode(events[i]) for i in indexes],
-                        [EventMeta.of(events[i]) for i in indexes],
-                        limits,
-                        release_query=(release_query or {}).get(sid),
-                    )
-                    for sid, indexes in by_session.items()
-                )
-            )
+            if len(by_session) == 1:  # the usual publish: one call, awaited without a task and a gather
+                [(sid, indexes)] = by_session.items()
+                results = [await call(sid, indexes)]
+            else:
+                results = list(await asyncio.gather(*(call(sid, indexes) for sid, indexes in by_session.items())))
         except BackendUnavailable as exc:
             self._unreachable(exc)
             raise

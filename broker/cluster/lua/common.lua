@@ -85,6 +85,10 @@ end
 -- stale records are dropped on the way.
 local conn_filters = nil
 local admitted = {}
+-- The filter echo of a connection that takes every event, as the node writes it
+-- (orjson; a string value holds `"` only escaped, so this text is the key's own):
+-- such a record admits everything without being decoded.
+local ADMITS_ALL = '"events":["*"]'
 local function anyone_admits(etype)
   local known = admitted[etype]
   if known ~= nil then
@@ -97,13 +101,15 @@ local function anyone_admits(etype)
     local all = redis.call('HGETALL', K_CONNS)
     for i = 1, #all, 2 do
       local raw = all[i + 1]
-      if conn_live(raw, now) then
+      if not conn_live(raw, now) then
+        redis.call('HDEL', K_CONNS, all[i])
+      elseif string.find(raw, ADMITS_ALL, 1, true) then
+        conn_filters[#conn_filters + 1] = {'*'}
+      else
         local ok, info = pcall(cjson.decode, raw)
         if ok and type(info) == 'table' and type(info.events) == 'table' then
           conn_filters[#conn_filters + 1] = info.events
         end
-      else
-        redis.call('HDEL', K_CONNS, all[i])
       end
     end
   end
