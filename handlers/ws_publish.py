@@ -300,7 +300,7 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         self._unanswered += 1
         self._frames += 1
         if self._worker is None:
-            self._worker = asyncio.ensure_future(self._answer_queue())
+            self._answer_alone()
         if self._stop_reading or self._unanswered >= self.broker.settings.max_publish_inflight:
             if self._held is None or self._held.done():
                 self._held = asyncio.get_running_loop().create_future()
@@ -313,9 +313,35 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         if held is not None and not held.done():
             held.set_result(None)
 
-    async def _answer_queue(self) -> None:
-        """Answer queued frames in order until none is left; runs as one task per burst of frames."""
+    def _answer_alone(self) -> None:
+        """A frame that arrived with nothing ahead of it: answered in this call when it can be.
+
+        A publisher that waits for each answer, or paces its frames, sends
+        them one at a time; a task and a loop turn per frame would cost more
+        than the publish itself (memory backend, idle session). A refusal and
+        a publish the session takes at once are answered here; a publish that
+        must wait (a busy session, Redis) goes on in the task that answers
+        whatever queues up behind it.
+        """
+        frame = self._check(self._queue.popleft(), set())
+        if isinstance(frame, bytes):
+            self._write_answers([frame])
+        else:
+            answers = self._publish_at_once([frame])
+            if answers is None:
+                self._worker = asyncio.ensure_future(self._answer_queue(frame))
+                return
+            self._write_answers(answers)
+        self._close_if_answered()
+
+    async def _answer_queue(self, first: _Publish | None = None) -> None:
+        """Answer queued frames in order until none is left; runs as one task per burst of frames.
+
+        `first` is a frame already checked and taken off the queue (by `_answer_alone`), answered first.
+        """
         try:
+            if first is not None:
+                self._write_answers(await self._publish([first]))
             while self._queue:
                 await self._answer_some()
         finally:
@@ -382,16 +408,33 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
 
     async def _publish(self, run: list[_Publish]) -> list[bytes]:
         """Publish a run of frames as one batch; their answers, in order (each frame its own seqs)."""
+        answers = self._publish_at_once(run)
+        if answers is not None:
+            return answers
         events = [event for frame in run for event in frame.events]
         try:
-            # At once when the session's actor is idle (memory backend); else the awaited ask or script call.
-            now = self.broker.publish_now(events)
-            seqs = now if now is not None else await self.broker.publish(events)
-        except BackendUnavailable:  # docs/protocol.md section 7: unknown outcome, retry with the same ids
+            seqs = await self.broker.publish(events)  # the awaited ask of a busy session, or the script call
+        except Exception as exc:  # noqa: BLE001 - answered, as HTTP would answer it
+            return self._publish_failed(run, exc)
+        return self._accepted(run, events, seqs)
+
+    def _publish_at_once(self, run: list[_Publish]) -> list[bytes] | None:
+        """The run's answers when the session's actor took it at once (memory backend, idle); None to wait."""
+        events = [event for frame in run for event in frame.events]
+        try:
+            seqs = self.broker.publish_now(events)
+        except Exception as exc:  # noqa: BLE001 - answered, as HTTP would answer it
+            return self._publish_failed(run, exc)
+        return None if seqs is None else self._accepted(run, events, seqs)
+
+    def _publish_failed(self, run: list[_Publish], exc: Exception) -> list[bytes]:
+        if isinstance(exc, BackendUnavailable):  # docs/protocol.md section 7: unknown outcome, retry with the same ids
             return [self._refuse(frame.ref, FrameRefused(503, "backend unavailable")) for frame in run]
-        except Exception:  # a bug, not an answer: logged once, each frame answered as HTTP would (500)
-            log.exception("publish_frame_failed", connection_id=self.connection_id, frames=len(run))
-            return [self._refuse(frame.ref, FrameRefused(500, "internal server error")) for frame in run]
+        # a bug, not an answer: logged once, each frame answered as HTTP would (500)
+        log.error("publish_frame_failed", connection_id=self.connection_id, frames=len(run), exc_info=exc)
+        return [self._refuse(frame.ref, FrameRefused(500, "internal server error")) for frame in run]
+
+    def _accepted(self, run: list[_Publish], events: list[dict[str, Any]], seqs: list[int | None]) -> list[bytes]:
         self._events += len(events)
         answers = []
         start = 0

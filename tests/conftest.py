@@ -35,7 +35,8 @@ def settings(request) -> Settings:
 
 #: The backends wire tests run against: the memory one, and a node on a Redis of the test's own.
 #: Every test that uses the application fixture runs on both (docs/protocol.md section 7); a test of
-#: memory-only behaviour is marked `memory_only` with its reason and skipped on Redis at collection.
+#: memory-only behaviour is marked `memory_only` with its reason and skipped on Redis at collection
+#: (`redis_only` the other way round).
 #: `BROKER_TEST_BACKENDS=memory` (or `redis`) runs one of them only.
 BACKENDS = os.environ.get("BROKER_TEST_BACKENDS", "memory,redis").split(",")
 
@@ -45,6 +46,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("memory_only")
         if marker is not None and "[redis" in item.nodeid:
             item.add_marker(pytest.mark.skip(reason=f"memory backend only: {marker.args[0]}"))
+        marker = item.get_closest_marker("redis_only")
+        if marker is not None and "[memory" in item.nodeid:
+            item.add_marker(pytest.mark.skip(reason=f"Redis backend only: {marker.args[0]}"))
 
 
 @pytest.fixture(params=BACKENDS)
