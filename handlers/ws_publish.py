@@ -327,7 +327,7 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         if isinstance(frame, bytes):
             self._write_answers([frame])
         else:
-            answers = self._publish_at_once([frame])
+            answers = self._publish_at_once([frame], frame.events)
             if answers is None:
                 self._worker = asyncio.ensure_future(self._answer_queue(frame))
                 return
@@ -341,7 +341,7 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
         """
         try:
             if first is not None:
-                self._write_answers(await self._publish([first]))
+                self._write_answers(await self._publish_waiting([first], first.events))
             while self._queue:
                 await self._answer_some()
         finally:
@@ -408,19 +408,20 @@ class PublishWebSocket(RequestIdMixin, tornado.websocket.WebSocketHandler):
 
     async def _publish(self, run: list[_Publish]) -> list[bytes]:
         """Publish a run of frames as one batch; their answers, in order (each frame its own seqs)."""
-        answers = self._publish_at_once(run)
-        if answers is not None:
-            return answers
         events = [event for frame in run for event in frame.events]
+        answers = self._publish_at_once(run, events)
+        return answers if answers is not None else await self._publish_waiting(run, events)
+
+    async def _publish_waiting(self, run: list[_Publish], events: list[dict[str, Any]]) -> list[bytes]:
+        """`_publish` once the session could not take it at once: the awaited ask of a busy session, or Redis."""
         try:
-            seqs = await self.broker.publish(events)  # the awaited ask of a busy session, or the script call
+            seqs = await self.broker.publish(events)
         except Exception as exc:  # noqa: BLE001 - answered, as HTTP would answer it
             return self._publish_failed(run, exc)
         return self._accepted(run, events, seqs)
 
-    def _publish_at_once(self, run: list[_Publish]) -> list[bytes] | None:
+    def _publish_at_once(self, run: list[_Publish], events: list[dict[str, Any]]) -> list[bytes] | None:
         """The run's answers when the session's actor took it at once (memory backend, idle); None to wait."""
-        events = [event for frame in run for event in frame.events]
         try:
             seqs = self.broker.publish_now(events)
         except Exception as exc:  # noqa: BLE001 - answered, as HTTP would answer it

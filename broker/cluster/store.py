@@ -532,8 +532,7 @@ class RedisStore:
         gone: dict[str, list[str]] = {}
         for session_id, connection_id in drops:
             gone.setdefault(session_id, []).append(connection_id)
-        calls = [(sid, pairs[i : i + 2 * _RECORDS_PER_CALL]) for sid, pairs in by_session.items()
-                 for i in range(0, len(pairs), 2 * _RECORDS_PER_CALL)]  # fmt: skip
+        calls = [(sid, part) for sid, pairs in by_session.items() for part in batched(pairs, 2 * _RECORDS_PER_CALL)]
         for chunk in batched(calls, PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for session_id, pairs in chunk:
