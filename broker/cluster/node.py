@@ -141,6 +141,8 @@ class ClusterNode:
         self._record_writer: asyncio.Task[Any] | None = None
         self._subscribed = False  # the Subscriber started once; it reconnects by itself from then on
         self._stopping = False
+        self._limits_source: Settings | None = None
+        self._limits_value = limits_of(settings())
 
     @classmethod
     def from_settings(
@@ -289,7 +291,7 @@ class ClusterNode:
         by_session: dict[str, list[int]] = {}
         for index, event in enumerate(events):
             by_session.setdefault(event["session_id"], []).append(index)
-        limits = limits_of(self.settings)
+        limits = self._limits()
         queries = release_query or {}
 
         def call(sid: str, indexes: list[int]) -> Coroutine[Any, Any, PublishResult]:
@@ -315,6 +317,13 @@ class ClusterNode:
             self.stats.total_events_received += result.received
             self.stats.throttled_events += result.throttled
         return seqs
+
+    def _limits(self) -> Limits:
+        """limits_of the current settings, made again only when a reload replaced them (publish's hot path)."""
+        current = self.settings
+        if current is not self._limits_source:
+            self._limits_source, self._limits_value = current, limits_of(current)
+        return self._limits_value
 
     def _flush_later(self, session_id: str, task_id: str, delay: float) -> None:
         """The trailing edge on the node that held it, on time (Redis's clock decides); the sweep is the safety net."""

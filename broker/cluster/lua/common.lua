@@ -11,12 +11,21 @@ local K_TASKS, K_UNDELIVERED, K_CONNS = KEYS[5], KEYS[6], KEYS[7]
 -- The cluster's one clock: Redis TIME in ms, so nodes' clock skew never
 -- changes a throttle or dedup decision. A non-empty `override` is a test's
 -- injected time; production calls always pass ''.
+-- Redis TIME in ms, read once per call (clock_ms and anyone_admits share it).
+local redis_now = nil
+local function redis_time_ms()
+  if redis_now == nil then
+    local t = redis.call('TIME')
+    redis_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return redis_now
+end
+
 local function clock_ms(override)
   if override ~= nil and override ~= '' then
     return tonumber(override)
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return redis_time_ms()
 end
 
 -- Every key of the session lives session_ttl from now.
@@ -96,8 +105,7 @@ local function anyone_admits(etype)
   end
   if conn_filters == nil then
     conn_filters = {}
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local now = redis_time_ms()  -- the records' stamps are Redis time, even under a test's injected clock
     local all = redis.call('HGETALL', K_CONNS)
     for i = 1, #all, 2 do
       local raw = all[i + 1]

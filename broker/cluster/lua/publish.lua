@@ -1,13 +1,16 @@
 -- publish: one batch of events into one session, atomically (common.lua first).
 -- KEYS[1..7] session keys (common.lua), KEYS[8] the global due set, KEYS[9] the query lock.
--- ARGV: [1] now_ms ('' = Redis TIME; tests only), [2] candidate epoch,
---   [3] buffer_size, [4] dedup_window_ms, [5] min_delta, [6] max_interval_ms,
---   [7] session_ttl_ms, [8] events channel, [9] due member prefix ("<sid>\n"),
---   [10] n, then per event 6 values: event_id, type, task_id ('' if none),
---   progress (text, '' if none), current_action ('' for none, else '=' .. text),
---   event JSON; after them [11 + 6n] conn_stale_ms (common.lua; '' or 0: none),
---   [12 + 6n] a query lock id to release with this batch ('' = none: the batch
---   ends that query, so the next one may start once its end is committed, not before).
+-- ARGV (few and packed: each argument costs the node's client more than its bytes):
+--   [1] now_ms ('' = Redis TIME; tests only), [2] candidate epoch,
+--   [3] the limits, space-separated: buffer_size dedup_window_ms min_delta
+--       max_interval_ms session_ttl_ms conn_stale_ms (common.lua; 0: none),
+--   [4] events channel, [5] due member prefix ("<sid>\n"),
+--   [6] a query lock id to release with this batch ('' = none: the batch
+--   ends that query, so the next one may start once its end is committed, not before),
+--   [7] the events' fields, a JSON array with one array of 5 strings per event:
+--       event_id, type, task_id ('' if none), progress (text, '' if none),
+--       current_action ('' for none, else '=' .. text),
+--   [8 ..] the events' JSON, in the same order.
 -- Returns {seqs (0 = null), held {task_id, due_ms, ...}, throttled, received, now_ms}.
 --
 -- Per event, in order, exactly as the memory backend (actors/session.py
@@ -19,16 +22,17 @@
 
 local K_DUE = KEYS[8]
 local now = clock_ms(ARGV[1])
-local buffer_size = tonumber(ARGV[3])
-local dedup_window = tonumber(ARGV[4])
-local min_delta = tonumber(ARGV[5])
-local max_interval = tonumber(ARGV[6])
-local ttl = tonumber(ARGV[7])
-local channel = ARGV[8]
-local due_prefix = ARGV[9]
-local n = tonumber(ARGV[10])
-conn_stale_ms = tonumber(ARGV[11 + n * 6]) or 0
-local release_query = ARGV[12 + n * 6] or ''
+local limits = {}
+for value in string.gmatch(ARGV[3], '%S+') do
+  limits[#limits + 1] = tonumber(value)
+end
+local buffer_size, dedup_window, min_delta, max_interval, ttl = unpack(limits, 1, 5)
+conn_stale_ms = limits[6] or 0
+local channel = ARGV[4]
+local due_prefix = ARGV[5]
+local release_query = ARGV[6]
+local fields = cjson.decode(ARGV[7])
+local n = #fields
 
 local epoch = session_epoch(ARGV[2], now)
 
@@ -113,9 +117,9 @@ local function offer(task_id, event_id, progress_text, action, json)
 end
 
 local seqs = {}
-for i = 0, n - 1 do
-  local base = 11 + i * 6
-  local event_id, etype, task_id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+for i = 1, n do
+  local event = fields[i]
+  local event_id, etype, task_id = event[1], event[2], event[3]
   local prior = redis.call('HGET', K_DEDUP, event_id)
   local seq = 0
   if prior then
@@ -124,17 +128,16 @@ for i = 0, n - 1 do
     end
   else
     received = received + 1
-    redis.call('HSET', K_DEDUP, event_id, '')
     redis.call('ZADD', K_DEDUPZ, now, event_id)
-    local json = ARGV[base + 5]
+    local json = ARGV[7 + i]
     if etype == 'task_progress' then
-      local action = ARGV[base + 4]
+      local action = event[5]
       if action == '' then
         action = nil
       else
         action = string.sub(action, 2)
       end
-      seq = offer(task_id, event_id, ARGV[base + 3], action, json)
+      seq = offer(task_id, event_id, event[4], action, json)
     else
       if etype == 'task_completed' or etype == 'task_failed' then
         local task = task_of(task_id)
@@ -155,6 +158,9 @@ for i = 0, n - 1 do
         end
       end
       seq = commit(epoch, json, etype, '', event_id, buffer_size, false)
+    end
+    if seq == 0 then  -- held or discarded: known, with no seq (a commit wrote its seq itself)
+      redis.call('HSET', K_DEDUP, event_id, '')
     end
   end
   seqs[#seqs + 1] = seq
