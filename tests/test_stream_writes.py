@@ -1,19 +1,25 @@
-"""The daemon's stream writes (broker/listener.py `GuardedStream.write`): straight to the socket, in order.
+"""The daemon's streams (broker/listener.py `GuardedStream`): writes straight to the socket, in order; reads
+that keep their epoll registration across keep-alive requests and still stop when nothing is read.
 
 A write with nothing queued ahead of it goes to the kernel at once and is
 answered with a future that is already done; what the kernel does not take
-is queued by Tornado, and every later write waits behind it. On a real
-socket pair, with the daemon's own server and clock behind the stream.
+is queued by Tornado, and every later write waits behind it. A request whose
+body came with its headers no longer takes the socket out of epoll and puts
+it back (`_LazyReadInterest`), yet a stream that reads nothing leaves what
+its peer sends in the kernel, as Tornado's own does. On a real socket pair,
+with the daemon's own server and clock behind the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 
 import pytest
 import tornado.web
+from tornado.ioloop import IOLoop
 
 from broker.config import Settings
 from broker.descriptors import DescriptorBudget
@@ -68,3 +74,45 @@ async def test_what_the_kernel_does_not_take_is_queued_and_later_writes_wait_beh
     assert pending.done() and pending.exception() is None
     assert stream.write(b"again").done()  # the queue is empty again: straight to the socket
     assert await read_exactly(peer, 5) == b"again"
+
+
+async def _turns_until(condition, turns: int = 200) -> None:
+    """Let the loop run until `condition()` holds (a bounded number of turns, no timing)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+async def test_keep_alive_requests_leave_the_sockets_epoll_registration_alone(pair, monkeypatch):
+    stream, peer = pair
+    loop = IOLoop.current()
+    changes = []
+    real_update = loop.update_handler
+    monkeypatch.setattr(loop, "update_handler", lambda fd, events: (changes.append(events), real_update(fd, events)))
+    for n in range(20):  # the server waits for a request, whose body arrives with its headers
+        headers = asyncio.ensure_future(stream.read_until(b"\n"))
+        await _turns_until(lambda: stream.socket.fileno() in loop.readers)  # waiting on epoll
+        peer.send(b"POST /%d\nbody" % n)
+        assert await asyncio.wait_for(headers, 5) == b"POST /%d\n" % n
+        assert await asyncio.wait_for(stream.read_bytes(4), 5) == b"body"
+    # Tornado alone takes the socket out of epoll after each header block and puts it back for the
+    # next request: two changes a request (39 here)
+    assert len(changes) <= 1
+
+
+async def test_a_stream_that_reads_nothing_leaves_what_its_peer_sends_in_the_kernel(pair):
+    stream, peer = pair
+    peer.send(b"first\nrest")
+    assert await asyncio.wait_for(stream.read_until(b"\n"), 5) == b"first\n"
+    # nothing reads now and "rest" is buffered: the stream wants no more bytes
+    flood = b"x" * 200_000
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while sent < len(flood):
+            sent += peer.send(flood[sent:])
+    await _turns_until(lambda: stream.socket.fileno() not in IOLoop.current().readers)  # epoll is told
+    assert stream._read_buffer_size == len(b"rest")  # nothing taken that nobody asked for
+    everything = await asyncio.wait_for(stream.read_bytes(len(b"rest") + sent), 5)
+    assert everything == b"rest" + flood[:sent]  # reading again resumes where it stopped, in order
