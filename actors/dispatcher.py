@@ -118,6 +118,27 @@ class Dispatcher:
         so a flooded actor cannot starve the others.
         """
         self._run_requested = False
+        turns = self._turns(max_turns)
+        if self._ready and not self._run_requested:
+            self._run_requested = True
+            self._request_run()
+        return turns
+
+    def run_now(self, max_turns: int) -> int:
+        """Up to `max_turns` turns here and now, ahead of the run already asked for.
+
+        For a caller on the dispatcher's thread, outside any actor's turn (a
+        handler), whose next step should come after what it just told the
+        actors: the publish handlers deliver an event to its session's
+        connections before they write the publisher's answer (issue 14), so
+        the answer's write does not sit between the publish and its
+        deliveries. The run asked for earlier still comes and takes what is
+        left. A fresh context, as a tick's: the caller's bound log fields stay
+        out of the actors' lines.
+        """
+        return contextvars.Context().run(self._turns, max_turns)
+
+    def _turns(self, max_turns: int | None) -> int:
         ready = self._ready
         turns = 0
         batch = self.batch
@@ -126,9 +147,6 @@ class Dispatcher:
             turns += 1
             if inbox.run_batch(batch):
                 ready.append(inbox)
-        if ready and not self._run_requested:
-            self._run_requested = True
-            self._request_run()
         return turns
 
     @property

@@ -268,6 +268,19 @@ class Committed:
     frames: list[Frame]
 
 
+@dataclass(frozen=True, slots=True)
+class Echoed:
+    """Messages this node's own publish committed, from the script's reply, ahead of their pub/sub copy.
+
+    The mirror delivers them only when they are exactly the next seqs it
+    expects; otherwise it drops them and the copy (always sent) delivers them
+    in order, with the hole-filling `Committed` has.
+    """
+
+    epoch: str
+    frames: list[Frame]
+
+
 class Resync:
     """The node's subscription was restored after an outage: read what may have been missed."""
 

@@ -38,6 +38,7 @@ from actors.messages import (
     Attach,
     CloseConnection,
     Committed,
+    Echoed,
     Frame,
     HistorySlice,
     Loaded,
@@ -180,6 +181,29 @@ class MirrorSessionActor(SessionActor):
         if self.loaded:
             self._apply_early()
 
+    def echoed(self, message: Echoed) -> None:
+        """This node's own publish, from its script's reply: sent now if it is exactly what comes next.
+
+        Anything else (a life this mirror does not know, a hole being filled,
+        messages of another node not heard yet) is dropped here: its pub/sub
+        copy comes in any case and is merged by seq as ever. Dropping, not
+        keeping, is what keeps a reply that overtook another node's publish
+        from asking the store for a hole that pub/sub is about to fill.
+        """
+        frames = message.frames
+        if (
+            not self.loaded
+            or self.filling
+            or self.early
+            or message.epoch != self.epoch
+            or not frames
+            or frames[0].seq != self.history.last_seq + 1
+        ):
+            return
+        for frame in frames:
+            self.early[frame.seq or 0] = frame
+        self._apply_early()
+
     def resync(self) -> None:
         """After an outage of the subscription: read whatever came after the mirror's newest seq."""
         if self.loaded and not self.filling:
@@ -303,6 +327,7 @@ _MIRROR_HANDLERS: dict[type, Any] = {
     Loaded: MirrorSessionActor.loaded_slice,
     LoadFailed: MirrorSessionActor.load_failed,
     Committed: MirrorSessionActor.committed,
+    Echoed: MirrorSessionActor.echoed,
     Resync: lambda mirror, _: mirror.resync(),
     SessionDeleted: MirrorSessionActor.deleted,
     MissedLoaded: MirrorSessionActor.missed_loaded,

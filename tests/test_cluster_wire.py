@@ -120,6 +120,59 @@ async def test_an_event_published_on_one_node_reaches_every_node_in_one_order(no
     assert await seqs_of(on_b, 10) == list(range(1, 11))
 
 
+class HeldCopies:
+    """A node's pub/sub callback held back (a slow subscription): the copies wait until `release()`."""
+
+    def __init__(self, node: Node) -> None:
+        cluster = node.broker.cluster
+        assert cluster is not None
+        self.subscriber = cluster.subscriber
+        self.deliver = self.subscriber._on_events
+        self.held: list[tuple[str, bytes]] = []
+        self.subscriber._on_events = lambda session_id, payload: self.held.append((session_id, payload))
+
+    def release(self) -> int:
+        self.subscriber._on_events = self.deliver
+        held, self.held = self.held, []
+        for session_id, payload in held:
+            self.deliver(session_id, payload)
+        return len(held)
+
+
+async def test_a_nodes_own_publish_reaches_its_followers_from_the_reply_and_its_copy_is_not_sent_again(nodes):
+    a, _ = nodes
+    follower = await a.client(session_id="e1")
+    await follower.expect(type="connected")
+    copies = HeldCopies(a)
+    for n in range(3):
+        response = await a.publish("e1", {"type": "task_started", "task_id": f"t{n}"})
+        assert response.code == 202, response.body
+    assert await seqs_of(follower, 3) == [1, 2, 3]  # with every pub/sub copy still held
+    deadline = time.monotonic() + 10
+    while len(copies.held) < 3:  # Redis sends the copies all the same
+        assert time.monotonic() < deadline, "the pub/sub copies never came"
+        await asyncio.sleep(0.01)  # noqa: sleep - bounded wait for Redis's pub/sub
+    assert copies.release() == 3
+    await a.publish("e1", {"type": "task_started", "task_id": "after"})
+    assert await seqs_of(follower, 1) == [4]  # the copies of 1-3 were not delivered again
+
+
+async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes):
+    a, b = nodes
+    follower = await a.client(session_id="e2")
+    await follower.expect(type="connected")
+    copies = HeldCopies(a)
+    assert (await b.publish("e2", {"type": "task_started", "task_id": "from-b"})).code == 202  # seq 1, not heard on A
+    assert (await a.publish("e2", {"type": "task_started", "task_id": "from-a"})).code == 202  # seq 2, A's reply
+    deadline = time.monotonic() + 10
+    while len(copies.held) < 2:
+        assert time.monotonic() < deadline, "the pub/sub copies never came"
+        await asyncio.sleep(0.01)  # noqa: sleep - bounded wait for Redis's pub/sub
+    copies.release()
+    first, second = await follower.expect(type="task_started"), await follower.expect(type="task_started")
+    assert [(first["seq"], first["task_id"]), (second["seq"], second["task_id"])] == [(1, "from-b"), (2, "from-a")]
+
+
 async def test_a_client_reconnecting_to_the_other_node_gets_exactly_what_it_missed(nodes):
     a, b = nodes
     first = await a.client(session_id="c2")

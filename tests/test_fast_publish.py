@@ -11,10 +11,13 @@ path unchanged.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import orjson
 import pytest
 
+from broker.validation import normalize_events
 from tests.support.wire import session_messages
 
 ORIGIN = "http://localhost:3000"  # allowed by default (a localhost origin)
@@ -143,3 +146,20 @@ async def test_publishers_racing_on_one_session_get_every_seq_once_and_a_followe
     assert [m["seq"] for m in received] == list(range(1, 81))
     by_seq = {s: (n, i) for n, seqs in enumerate(answered) for i, s in enumerate(seqs)}
     assert all(by_seq[m["seq"]] == (m["publisher"], m["i"]) for m in received)
+
+
+@pytest.mark.memory_only("on Redis a publish is a script call whose deliveries come by pub/sub, after its answer")
+async def test_a_followers_socket_holds_the_event_before_the_publisher_is_answered(broker, connect):
+    """The publish handlers answer after the deliveries (Broker.publish_now runs the connection actors at once):
+    the answer's write never sits between a publish and its followers."""
+    follower, _ = await connect("lean5")
+    kernel = follower.conn.protocol.stream.socket
+    peek = socket.MSG_PEEK | socket.MSG_DONTWAIT
+    with pytest.raises(BlockingIOError):
+        kernel.recv(1, peek)  # nothing waiting for the follower yet
+    events = normalize_events([{"type": "test.tick", "session_id": "lean5"}], session_id=None, now=time.time())
+    seqs = broker.publish_now(events)  # what the handler does before it writes the 202; no loop turn after it
+    assert seqs is not None, "the idle session's actor did not take the publish at once"
+    assert kernel.recv(65536, peek), "the frame was not written before publish_now returned"
+    message = await follower.expect(type="test.tick")
+    assert message["seq"] == seqs[0]

@@ -38,6 +38,7 @@ from actors.messages import (
     Committed,
     DescribeConnection,
     DescribeSession,
+    Echoed,
     Frame,
     HistorySlice,
     Loaded,
@@ -48,7 +49,7 @@ from actors.messages import (
     encode,
 )
 from actors.wire import iso_timestamp
-from broker.cluster.payload import Deleted, parse_payload
+from broker.cluster.payload import Deleted, Published, parse_payload
 from broker.cluster.store import (
     BackendUnavailable,
     EventMeta,
@@ -297,7 +298,8 @@ class ClusterNode:
         def call(sid: str, indexes: list[int]) -> Coroutine[Any, Any, PublishResult]:
             encoded = [encode(events[i]) for i in indexes]
             metas = [EventMeta.of(events[i]) for i in indexes]
-            return self.store.publish(sid, encoded, metas, limits, release_query=queries.get(sid))
+            echo = self.directory.get(sid) is not None  # a mirror here delivers it from the reply
+            return self.store.publish(sid, encoded, metas, limits, release_query=queries.get(sid), echo=echo)
 
         try:
             if len(by_session) == 1:  # the usual publish: one call, awaited without a task and a gather
@@ -312,6 +314,8 @@ class ClusterNode:
         for (sid, indexes), result in zip(by_session.items(), results, strict=True):
             for index, seq in zip(indexes, result.seqs, strict=True):
                 seqs[index] = seq
+            if result.echo is not None:
+                self._echo(sid, result.echo)
             for task_id, due_ms in result.held:
                 self._flush_later(sid, task_id, (due_ms - result.now_ms) / 1000)
             self.stats.total_events_received += result.received
@@ -454,15 +458,24 @@ class ClusterNode:
         if isinstance(parsed, Deleted):
             message: Any = SessionDeleted(parsed.epoch)
         else:
-            now = asyncio.get_running_loop().time()
-            frames = []
-            for line in parsed.messages:
-                frame = Frame(line.data, line.type, line.seq, line.task_id)
-                frame.born = now
-                frames.append(frame)
-            message = Committed(parsed.epoch, frames)
+            message = Committed(parsed.epoch, _frames_of(parsed))
         with contextlib.suppress(ActorDeadError):
             ref.tell(message)
+
+    def _echo(self, session_id: str, payload: bytes) -> None:
+        """This node's own publish, to its mirror straight from the script's reply (actors.messages.Echoed).
+
+        Its connections need not wait for the pub/sub copy: that is a second
+        read of Redis's answer on another socket, parsed by redis-py's PubSub,
+        in a later loop turn than the 202 it would then follow. The copy still
+        comes, and the mirror drops what it has already delivered.
+        """
+        ref = self.directory.get(session_id)
+        parsed = parse_payload(payload)
+        if ref is None or isinstance(parsed, Deleted):
+            return
+        with contextlib.suppress(ActorDeadError):
+            ref.tell(Echoed(parsed.epoch, _frames_of(parsed)))
 
     def _on_broadcast(self, payload: bytes) -> None:
         try:
@@ -560,6 +573,17 @@ class MirrorBackendAdapter:
         self.publish = node.publish_own
         self.lock_query = node.lock_query
         self.unlock_query = node.unlock_query
+
+
+def _frames_of(parsed: Published) -> list[Frame]:
+    """A payload's messages as frames, born now (the delivery latency counts from here)."""
+    now = asyncio.get_running_loop().time()
+    frames = []
+    for line in parsed.messages:
+        frame = Frame(line.data, line.type, line.seq, line.task_id)
+        frame.born = now
+        frames.append(frame)
+    return frames
 
 
 def _as_history(part: Slice) -> HistorySlice:

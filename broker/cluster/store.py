@@ -138,6 +138,8 @@ class PublishResult:
     throttled: int = 0
     received: int = 0
     now_ms: int = 0  # Redis time at the publish
+    #: what the call published on the session's channel (broker/cluster/payload.py), when `echo` asked for it
+    echo: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +397,7 @@ class RedisStore:
         *,
         now_ms: int | None = None,
         release_query: str | None = None,
+        echo: bool = False,
     ) -> PublishResult:
         """Publish a batch to one session in ONE script call: dedup, throttle, seq, XADD, PUBLISH.
 
@@ -404,6 +407,8 @@ class RedisStore:
         `release_query`: the id of the query lock this batch ends (its `complete` or
         `error`), released in the same call, so no node can start the next query before
         the end of this one is committed, nor be refused after it was.
+        `echo`: the result carries the payload this call published (`PublishResult.echo`),
+        for a node that delivers its own publishes from the reply (its pub/sub copy comes too).
         """
         if len(events) != len(meta):
             raise ValueError(f"{len(events)} events but {len(meta)} metas")
@@ -421,15 +426,16 @@ class RedisStore:
         names = self._publish_names(session_id)
         # publish.lua's ARGV: a handful of packed values (redis-py encodes each argument in Python)
         args: list[str | bytes] = [_now_arg(now_ms), new_epoch(), _limits_arg(limits), *names.args]
-        args += [(release_query or "").encode(), orjson.dumps(fields), *events]
+        args += [(release_query or "").encode(), b"1" if echo else b"", orjson.dumps(fields), *events]
         reply = await self._run("publish", self._publish(keys=names.keys, args=args))
-        seqs, held, throttled, received, now = reply
+        seqs, held, throttled, received, now, payload = reply
         return PublishResult(
             [seq or None for seq in seqs],
             [(held[i].decode(), int(held[i + 1])) for i in range(0, len(held), 2)],
             int(throttled),
             int(received),
             int(now),
+            payload or None,
         )
 
     async def flush(self, session_id: str, task_id: str, limits: Limits, *, now_ms: int | None = None) -> int | None:

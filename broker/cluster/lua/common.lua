@@ -162,16 +162,19 @@ end
 
 -- After the commits of a call: forget `undelivered` seqs the stream trimmed,
 -- then announce the whole call in one payload: "E <epoch>" and a line per message.
+-- Returns that payload ('' when nothing was committed).
 local function finish_commits(epoch, channel)
   if #lines == 0 then
-    return
+    return ''
   end
   local first = redis.call('XRANGE', K_STREAM, '-', '+', 'COUNT', 1)
   if first[1] then
     local first_seq = string.match(first[1][1], '^(%d+)')
     redis.call('ZREMRANGEBYSCORE', K_UNDELIVERED, '-inf', '(' .. first_seq)
   end
-  redis.call('PUBLISH', channel, 'E ' .. epoch .. '\n' .. table.concat(lines, '\n'))
+  local payload = 'E ' .. epoch .. '\n' .. table.concat(lines, '\n')
+  redis.call('PUBLISH', channel, payload)
+  return payload
 end
 
 -- The first seq still in the stream (last_seq + 1 when it is empty).

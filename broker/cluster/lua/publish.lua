@@ -7,11 +7,14 @@
 --   [4] events channel, [5] due member prefix ("<sid>\n"),
 --   [6] a query lock id to release with this batch ('' = none: the batch
 --   ends that query, so the next one may start once its end is committed, not before),
---   [7] the events' fields, a JSON array with one array of 5 strings per event:
+--   [7] '1' to have the payload this call publishes returned too ('' = not: the
+--       node has no connection to the session, nobody to hand it to),
+--   [8] the events' fields, a JSON array with one array of 5 strings per event:
 --       event_id, type, task_id ('' if none), progress (text, '' if none),
 --       current_action ('' for none, else '=' .. text),
---   [8 ..] the events' JSON, in the same order.
--- Returns {seqs (0 = null), held {task_id, due_ms, ...}, throttled, received, now_ms}.
+--   [9 ..] the events' JSON, in the same order.
+-- Returns {seqs (0 = null), held {task_id, due_ms, ...}, throttled, received, now_ms,
+--   the published payload ('' when nothing was committed or it was not asked for)}.
 --
 -- Per event, in order, exactly as the memory backend (actors/session.py
 -- publish, actors/throttle.py ProgressThrottle, actors/dedup.py):
@@ -31,7 +34,8 @@ conn_stale_ms = limits[6] or 0
 local channel = ARGV[4]
 local due_prefix = ARGV[5]
 local release_query = ARGV[6]
-local fields = cjson.decode(ARGV[7])
+local echo = ARGV[7] == '1'
+local fields = cjson.decode(ARGV[8])
 local n = #fields
 
 local epoch = session_epoch(ARGV[2], now)
@@ -129,7 +133,7 @@ for i = 1, n do
   else
     received = received + 1
     redis.call('ZADD', K_DEDUPZ, now, event_id)
-    local json = ARGV[7 + i]
+    local json = ARGV[8 + i]
     if etype == 'task_progress' then
       local action = event[5]
       if action == '' then
@@ -187,9 +191,12 @@ if throttled > 0 then
   redis.call('HINCRBY', K_META, 'throttled', throttled)
 end
 redis.call('HSET', K_META, 'last_event_ms', now)
-finish_commits(epoch, channel)
+local payload = finish_commits(epoch, channel)
 expire_session(ttl)
 if release_query ~= '' and KEYS[9] and redis.call('GET', KEYS[9]) == release_query then
   redis.call('DEL', KEYS[9])
 end
-return {seqs, held, throttled, received, now}
+if not echo then
+  payload = ''
+end
+return {seqs, held, throttled, received, now, payload}
