@@ -397,13 +397,15 @@ class RedisProcess:
             await asyncio.sleep(0.05)
 
     def calls(self) -> Counter[str]:
-        """Commands Redis has run since it started, by name (INFO commandstats), the INFO calls left out."""
+        """Commands Redis has run since it started, by name (INFO commandstats), the INFO calls left out;
+        and under `USEC + name` the microseconds Redis spent in each (a script's own commands included)."""
         stats = self.client.info("commandstats")
         calls: Counter[str] = Counter()
         for key, value in stats.items():
             name = key.removeprefix("cmdstat_")
             if name != "info":
                 calls[name] = int(value["calls"])
+                calls[USEC + name] = int(value["usec"])
         return calls
 
     def stop(self) -> None:
@@ -887,6 +889,10 @@ def cpu_metrics(r: Round, window: CpuWindow, deliveries: int, publishes: int | N
             r.metrics["Redis CPU ms per publish"] = 1e3 * window.seconds["redis"] / max(publishes, 1)
 
 
+#: The prefix of RedisServer.calls()'s microsecond entries.
+USEC = "usec:"
+
+
 def redis_cost(r: Round, before: Counter[str] | None, after: Counter[str] | None, published: Published) -> None:
     """What publishing cost Redis over the window (INFO commandstats), per publish request.
 
@@ -899,9 +905,14 @@ def redis_cost(r: Round, before: Counter[str] | None, after: Counter[str] | None
     if before is None or after is None:
         return
     delta = after - before
+    usec = Counter({k.removeprefix(USEC): v for k, v in delta.items() if k.startswith(USEC)})
+    delta = Counter({k: v for k, v in delta.items() if not k.startswith(USEC)})
     requests = max(published.requests, 1)
     r.metrics["Redis EVALSHA per publish"] = (delta["evalsha"] + delta["eval"]) / requests
     r.metrics["Redis commands per publish"] = sum(delta.values()) / requests
+    scripts = delta["evalsha"] + delta["eval"]
+    if scripts:  # the time Redis spends running one script call, its commands included (the rest is I/O)
+        r.metrics["Redis µs per script call"] = (usec["evalsha"] + usec["eval"]) / scripts
     r.notes["redis commands per publish, by command"] = {k: v / requests for k, v in delta.most_common()}
     r.notes["redis calls"] = dict(delta)
     r.notes["publish requests"] = published.requests
