@@ -76,15 +76,6 @@ async def test_what_the_kernel_does_not_take_is_queued_and_later_writes_wait_beh
     assert await read_exactly(peer, 5) == b"again"
 
 
-async def _turns_until(condition, turns: int = 200) -> None:
-    """Let the loop run until `condition()` holds (a bounded number of turns, no timing)."""
-    for _ in range(turns):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the condition never held")
-
-
 async def test_keep_alive_requests_leave_the_sockets_epoll_registration_alone(pair, monkeypatch):
     stream, peer = pair
     loop = IOLoop.current()
@@ -92,8 +83,8 @@ async def test_keep_alive_requests_leave_the_sockets_epoll_registration_alone(pa
     real_update = loop.update_handler
     monkeypatch.setattr(loop, "update_handler", lambda fd, events: (changes.append(events), real_update(fd, events)))
     for n in range(20):  # the server waits for a request, whose body arrives with its headers
-        headers = asyncio.ensure_future(stream.read_until(b"\n"))
-        await _turns_until(lambda: stream.socket.fileno() in loop.readers)  # waiting on epoll
+        headers = stream.read_until(b"\n")  # nothing to read yet: the stream waits on epoll (at once, no loop turn)
+        assert stream.socket.fileno() in loop.readers
         peer.send(b"POST /%d\nbody" % n)
         assert await asyncio.wait_for(headers, 5) == b"POST /%d\n" % n
         assert await asyncio.wait_for(stream.read_bytes(4), 5) == b"body"
@@ -102,17 +93,30 @@ async def test_keep_alive_requests_leave_the_sockets_epoll_registration_alone(pa
     assert len(changes) <= 1
 
 
-async def test_a_stream_that_reads_nothing_leaves_what_its_peer_sends_in_the_kernel(pair):
+async def test_a_stream_that_reads_nothing_leaves_what_its_peer_sends_in_the_kernel(pair, monkeypatch):
     stream, peer = pair
+    loop = IOLoop.current()
+    dropped = asyncio.Event()  # the stream's socket left epoll's readers
+    real_update = loop.update_handler
+
+    def update(fd: object, events: int) -> None:
+        real_update(fd, events)
+        if not events & IOLoop.READ:
+            dropped.set()
+
+    monkeypatch.setattr(loop, "update_handler", update)
+    first = stream.read_until(b"\n")  # waits on epoll, as a server waits for a request
+    assert stream.socket.fileno() in loop.readers
     peer.send(b"first\nrest")
-    assert await asyncio.wait_for(stream.read_until(b"\n"), 5) == b"first\n"
+    assert await asyncio.wait_for(first, 5) == b"first\n"
     # nothing reads now and "rest" is buffered: the stream wants no more bytes
     flood = b"x" * 200_000
     sent = 0
     with contextlib.suppress(BlockingIOError):
         while sent < len(flood):
             sent += peer.send(flood[sent:])
-    await _turns_until(lambda: stream.socket.fileno() not in IOLoop.current().readers)  # epoll is told
+    await asyncio.wait_for(dropped.wait(), 5)  # the unwanted bytes' read event takes the socket out of epoll
+    assert stream.socket.fileno() not in loop.readers
     assert stream._read_buffer_size == len(b"rest")  # nothing taken that nobody asked for
     everything = await asyncio.wait_for(stream.read_bytes(len(b"rest") + sent), 5)
     assert everything == b"rest" + flood[:sent]  # reading again resumes where it stopped, in order
