@@ -136,6 +136,8 @@ class Dispatcher:
         left. A fresh context, as a tick's: the caller's bound log fields stay
         out of the actors' lines.
         """
+        if not self._ready:  # nothing was told (a publish without a follower here): no context to make
+            return 0
         return contextvars.Context().run(self._turns, max_turns)
 
     def _turns(self, max_turns: int | None) -> int:

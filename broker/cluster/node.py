@@ -142,8 +142,8 @@ class ClusterNode:
         self._record_writer: asyncio.Task[Any] | None = None
         self._subscribed = False  # the Subscriber started once; it reconnects by itself from then on
         self._stopping = False
-        self._limits_source: Settings | None = None
-        self._limits_value = limits_of(settings())
+        self._limits_source = settings()
+        self._limits_value = limits_of(self._limits_source)
 
     @classmethod
     def from_settings(
@@ -229,7 +229,7 @@ class ClusterNode:
             self.nodes = await self.store.live_nodes(silent_ms(self.settings))
             sessions = [sid for sid, _ in self.directory.items()]
             if sessions:
-                await self.store.touch(sessions, limits_of(self.settings).session_ttl_ms)
+                await self.store.touch(sessions, self._limits().session_ttl_ms)
             await self._sync_connections()
             await self._renew_query_locks()
         except BackendUnavailable as exc:
@@ -262,7 +262,7 @@ class ClusterNode:
                     now_ms = int(time.time() * 1000)
                     record = {**connection, **described, "node_id": self.node_id, "updated_ms": now_ms}
                     records.append((sid, connection["connection_id"], record))
-        await self.store.write_connections(records, [], limits_of(self.settings).session_ttl_ms)
+        await self.store.write_connections(records, [], self._limits().session_ttl_ms)
 
     async def _renew_query_locks(self) -> None:
         """Keep the locks of this node's running queries; one whose node died expires by itself."""
@@ -274,7 +274,7 @@ class ClusterNode:
         """Fire trailing edges that are due, whichever node held them (that node may be gone)."""
         try:
             for sid, task_id in await self.store.due():
-                await self.store.flush(sid, task_id, limits_of(self.settings))
+                await self.store.flush(sid, task_id, self._limits())
         except BackendUnavailable as exc:
             self._unreachable(exc)
 
@@ -323,7 +323,7 @@ class ClusterNode:
         return seqs
 
     def _limits(self) -> Limits:
-        """limits_of the current settings, made again only when a reload replaced them (publish's hot path)."""
+        """limits_of the current settings, made again only when a reload replaced them (every call uses it)."""
         current = self.settings
         if current is not self._limits_source:
             self._limits_source, self._limits_value = current, limits_of(current)
@@ -333,14 +333,14 @@ class ClusterNode:
         """The trailing edge on the node that held it, on time (Redis's clock decides); the sweep is the safety net."""
         delay = max(0.0, delay)
         loop = asyncio.get_running_loop()
-        loop.call_later(delay, lambda: self._spawn(self.store.flush(session_id, task_id, limits_of(self.settings))))
+        loop.call_later(delay, lambda: self._spawn(self.store.flush(session_id, task_id, self._limits())))
 
     # -- what the mirrors ask (actors.backend.MirrorBackend) -----------------------
 
     def open(self, session_id: str, reply_to: ActorRef[Any]) -> None:
         async def load() -> None:
             await self.subscriber.subscribe(session_id)
-            await self.store.ensure(session_id, limits_of(self.settings).session_ttl_ms)
+            await self.store.ensure(session_id, self._limits().session_ttl_ms)
             reply_to.tell(Loaded(_as_history(await self.store.read(session_id, 0))))
 
         self._answer(load(), reply_to)
@@ -387,7 +387,7 @@ class ClusterNode:
                 batch, self._records = self._records, {}
                 puts = [(sid, cid, info) for (sid, cid), info in batch.items() if info is not None]
                 drops = [key for key, info in batch.items() if info is None]
-                await self.store.write_connections(puts, drops, limits_of(self.settings).session_ttl_ms)
+                await self.store.write_connections(puts, drops, self._limits().session_ttl_ms)
         finally:
             self._record_writer = None
 
