@@ -129,7 +129,18 @@ class HeldCopies:
         self.subscriber = cluster.subscriber
         self.deliver = self.subscriber._on_events
         self.held: list[tuple[str, bytes]] = []
-        self.subscriber._on_events = lambda session_id, payload: self.held.append((session_id, payload))
+        self._arrived = asyncio.Event()
+        self.subscriber._on_events = self._hold
+
+    def _hold(self, session_id: str, payload: bytes) -> None:
+        self.held.append((session_id, payload))
+        self._arrived.set()
+
+    async def until(self, count: int) -> None:
+        """Wait until Redis has sent `count` copies (Redis sends them all the same)."""
+        while len(self.held) < count:
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), 10)
 
     def release(self) -> int:
         self.subscriber._on_events = self.deliver
@@ -148,29 +159,34 @@ async def test_a_nodes_own_publish_reaches_its_followers_from_the_reply_and_its_
         response = await a.publish("e1", {"type": "task_started", "task_id": f"t{n}"})
         assert response.code == 202, response.body
     assert await seqs_of(follower, 3) == [1, 2, 3]  # with every pub/sub copy still held
-    deadline = time.monotonic() + 10
-    while len(copies.held) < 3:  # Redis sends the copies all the same
-        assert time.monotonic() < deadline, "the pub/sub copies never came"
-        await asyncio.sleep(0.01)  # noqa: sleep - bounded wait for Redis's pub/sub
+    await copies.until(3)
     assert copies.release() == 3
     await a.publish("e1", {"type": "task_started", "task_id": "after"})
     assert await seqs_of(follower, 1) == [4]  # the copies of 1-3 were not delivered again
 
 
-async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes):
+async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes, monkeypatch):
     a, b = nodes
     follower = await a.client(session_id="e2")
     await follower.expect(type="connected")
+    assert a.broker.cluster is not None
+    store = a.broker.cluster.store
+    holes_read: list[Any] = []
+    read = store.read
+
+    async def counted_read(*args: Any, **kwargs: Any) -> Any:
+        holes_read.append(args)
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read", counted_read)  # the mirror's loads and hole fills read the stream here
     copies = HeldCopies(a)
     assert (await b.publish("e2", {"type": "task_started", "task_id": "from-b"})).code == 202  # seq 1, not heard on A
     assert (await a.publish("e2", {"type": "task_started", "task_id": "from-a"})).code == 202  # seq 2, A's reply
-    deadline = time.monotonic() + 10
-    while len(copies.held) < 2:
-        assert time.monotonic() < deadline, "the pub/sub copies never came"
-        await asyncio.sleep(0.01)  # noqa: sleep - bounded wait for Redis's pub/sub
+    await copies.until(2)
     copies.release()
     first, second = await follower.expect(type="task_started"), await follower.expect(type="task_started")
     assert [(first["seq"], first["task_id"]), (second["seq"], second["task_id"])] == [(1, "from-b"), (2, "from-a")]
+    assert holes_read == []  # A's early reply was dropped, not kept as a hole to read back: pub/sub filled it
 
 
 async def test_a_client_reconnecting_to_the_other_node_gets_exactly_what_it_missed(nodes):
