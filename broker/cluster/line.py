@@ -1,0 +1,151 @@
+"""PipelinedLine: one Redis connection that many calls share at once (the publish path).
+
+Redis answers the commands of one connection in the order they were sent, so
+calls can share a connection without waiting for each other: each call writes
+its command and queues a future; one reader task reads the replies in order
+and hands each to the oldest waiting call. centrifuge's Redis broker does the
+same (pipelining through one connection), for the same reason: on the publish
+path redis-py's per-command machinery (pool checkout and return under an
+asyncio.Condition, a timeout context, the retry wrapper, observability hooks)
+cost about as much of the node's CPU as the script call's own I/O
+(bench/store_publish.py compares the two).
+
+The connection itself is redis-py's: made by the pool's own factory (so its
+host, timeouts, parser and retry settings are the pool's), connected by
+redis-py with its retry and backoff, packed and parsed by it (hiredis).
+What is here is only the matching of replies to calls.
+
+Failures: a broken connection fails every call waiting on it with redis-py's
+ConnectionError (the caller retries or answers 503) and the next call makes a
+new one. A call cut while Redis had not answered it (its caller's deadline)
+drops the connection too, as redis-py does for a cut command: the next call
+must not queue behind a Redis that does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+
+__all__ = ["PipelinedLine"]
+
+
+class _Connection:
+    """One connection of the line and the calls waiting on its replies (a dropped one's late replies stay its own)."""
+
+    __slots__ = ("conn", "reader", "waiting")
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        self.conn = conn
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.reader: asyncio.Task[None] | None = None
+
+
+class PipelinedLine:
+    """Calls share one connection; replies go to them in the order they were sent."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._current: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._closing: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not answered yet."""
+        return 0 if self._current is None else len(self._current.waiting)
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its reply (an error reply is raised, as redis-py raises it)."""
+        line = self._current
+        if line is None or not line.conn.is_connected:
+            line = await self._connected()
+        conn = line.conn
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        line.waiting.append(reply)  # before the send: no other call can write between the two
+        try:
+            # no health check: its PING would put a reply on the line that no call waits for
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        except BaseException as exc:
+            self._drop(line, exc)
+            raise
+        if line.reader is None and self._current is line:
+            line.reader = asyncio.ensure_future(self._read(line))
+        try:
+            return await reply
+        except asyncio.CancelledError:
+            if reply.cancelled():  # cut before Redis answered: the next call must not queue behind it
+                self._drop(line, rx.ConnectionError("a call on the line was cut before Redis answered"))
+            raise
+
+    async def aclose(self) -> None:
+        """Fail what is waiting and close the connection."""
+        self._closed = True
+        if self._current is not None:
+            self._drop(self._current, rx.ConnectionError("the line was closed"))
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=1)
+
+    async def _connected(self) -> _Connection:
+        if self._closed:
+            raise rx.ConnectionError("the line was closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _connect(self) -> _Connection:
+        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        # redis-py's connect: its retry with backoff, the pool's connect timeout
+        await conn.connect()  # type: ignore[no-untyped-call]
+        line = self._current = _Connection(conn)
+        return line
+
+    async def _read(self, line: _Connection) -> None:
+        """Hand replies to the waiting calls, oldest first, until none waits or the connection fails."""
+        try:
+            while line.waiting:
+                value: Any
+                try:
+                    value = await line.conn.read_response()
+                except rx.ResponseError as exc:  # an error reply: it belongs to its call, the line goes on
+                    value = exc
+                waiter = line.waiting.popleft()
+                if waiter.done():  # its caller was cut: nothing to hand it
+                    continue
+                if isinstance(value, rx.ResponseError):
+                    waiter.set_exception(value)
+                else:
+                    waiter.set_result(value)
+        except asyncio.CancelledError:
+            self._drop(line, rx.ConnectionError("the line's reader was cancelled"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiting call gets it
+            self._drop(line, exc)
+        finally:
+            line.reader = None
+
+    def _drop(self, line: _Connection, error: BaseException) -> None:
+        """Fail every call waiting on `line` and let the next call connect afresh."""
+        failure = error if isinstance(error, Exception) else rx.ConnectionError(str(error) or type(error).__name__)
+        while line.waiting:
+            waiter = line.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(failure)
+        if self._current is not line:
+            return  # dropped already: its connection is being closed
+        self._current = None
+        closing = asyncio.ensure_future(line.conn.disconnect(nowait=True))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        if line.reader is not None and line.reader is not asyncio.current_task():
+            line.reader.cancel()
