@@ -2,8 +2,13 @@
 
 Redis answers the commands of one connection in the order they were sent, so
 calls can share a connection without waiting for each other: each call writes
-its command and queues a future; one reader task reads the replies in order
-and hands each to the oldest waiting call. centrifuge's Redis broker does the
+its command and queues a future, and the replies, read in order, go to the
+oldest waiting call. Whoever reads does so for everyone: a call that finds
+nobody reading reads itself until its own reply came (alone on the line,
+as a publish usually is, it reads just that one, in its own task, with no
+hand-over: one loop turn from the reply to the caller, as with redis-py's
+own call); a call that leaves others waiting hands the reading to a task
+of the line's. centrifuge's Redis broker does the
 same (pipelining through one connection), for the same reason: on the publish
 path redis-py's per-command machinery (pool checkout and return under an
 asyncio.Condition, a timeout context, the retry wrapper, observability hooks)
@@ -37,11 +42,13 @@ __all__ = ["PipelinedLine"]
 class _Connection:
     """One connection of the line and the calls waiting on its replies (a dropped one's late replies stay its own)."""
 
-    __slots__ = ("conn", "reader", "waiting")
+    __slots__ = ("conn", "reader", "reading", "waiting")
 
     def __init__(self, conn: AbstractConnection) -> None:
         self.conn = conn
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        #: a call or the reader task is reading replies (never two: the replies would be split between them)
+        self.reading = False
         self.reader: asyncio.Task[None] | None = None
 
 
@@ -74,8 +81,15 @@ class PipelinedLine:
         except BaseException as exc:
             self._drop(line, exc)
             raise
-        if line.reader is None and self._current is line:
-            line.reader = asyncio.ensure_future(self._read(line))
+        if not line.reading:
+            line.reading = True
+            try:
+                await self._read(line, until=reply)
+            finally:
+                line.reading = False
+            if line.waiting and self._current is line:  # calls behind this one: the line's task reads on
+                line.reading = True
+                line.reader = asyncio.ensure_future(self._read_on(line))
         try:
             return await reply
         except asyncio.CancelledError:
@@ -110,10 +124,11 @@ class PipelinedLine:
         line = self._current = _Connection(conn)
         return line
 
-    async def _read(self, line: _Connection) -> None:
-        """Hand replies to the waiting calls, oldest first, until none waits or the connection fails."""
+    async def _read(self, line: _Connection, until: asyncio.Future[Any] | None = None) -> None:
+        """Hand replies to the waiting calls, oldest first, until `until` has its reply (None: until none
+        waits) or the connection fails (every waiting call then fails with it)."""
         try:
-            while line.waiting:
+            while line.waiting and (until is None or not until.done()):
                 value: Any
                 try:
                     value = await line.conn.read_response()
@@ -127,11 +142,17 @@ class PipelinedLine:
                 else:
                     waiter.set_result(value)
         except asyncio.CancelledError:
-            self._drop(line, rx.ConnectionError("the line's reader was cancelled"))
+            self._drop(line, rx.ConnectionError("a read on the line was cut"))
             raise
         except Exception as exc:  # noqa: BLE001 - every waiting call gets it
             self._drop(line, exc)
+
+    async def _read_on(self, line: _Connection) -> None:
+        """The line's reader task: the replies of calls that a reading call left waiting."""
+        try:
+            await self._read(line)
         finally:
+            line.reading = False
             line.reader = None
 
     def _drop(self, line: _Connection, error: BaseException) -> None:
