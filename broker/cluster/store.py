@@ -86,8 +86,10 @@ _SESSION_KEYS = ("meta", "stream", "dedup", "dedupz", "tasks", "undelivered", "c
 #: redis-py packs a pipeline and parses its replies without a loop turn, about 15-30 µs a
 #: command: one pipeline of a node's 1 000 connection records held every publish and delivery
 #: behind it for tens of milliseconds each backend_check_interval, which was the Redis row's
-#: latency p99 in `make bench` (24 ms against 4 ms with the check held off).
-PIPELINE_CHUNK = 64
+#: latency p99 in `make bench` (24 ms against 4 ms with the check held off). A script call
+#: with ten records costs more: 64 of them (1 000 records in 100 sessions) held the loop for
+#: 7 ms, 16 for 1.5 ms, in the same total time (a one-off loop, not kept).
+PIPELINE_CHUNK = 16
 #: Connection records of one session per put_connection call (the script unpacks them in one HSET).
 _RECORDS_PER_CALL = 256
 
