@@ -16,7 +16,7 @@ owns three things:
   and merges by seq: a subscription that was not yet in place would lose
   whatever was published in between).
 * **Reconnect, resubscribe, catch up.** One task reads the connection
-  (`get_message(timeout=...)` in a loop that catches everything). Any loss
+  (the connection's own `read_response(timeout=...)`, in a loop that catches everything). Any loss
   (a dropped connection, `CLIENT KILL TYPE pubsub`, a Redis restart, the
   output-buffer limit) tears the connection down; a new one is made after a
   backoff computed by redis-py's `ExponentialWithJitterBackoff`, every
@@ -377,31 +377,43 @@ class Subscriber:
                 raise BackendUnavailable("the pub/sub connection was closed")
             if self._restoring and loop.time() > self._restore_deadline:
                 raise BackendUnavailable(f"Redis did not confirm the subscriptions within {self.timeout} s")
-            message = await pubsub.get_message(timeout=self._poll)
-            if message is None:
+            # The connection's own read, not get_message(): for each published message that
+            # is redis-py's health check, retry wrapper, message dict and observability hook
+            # (broker/cluster/line.py says why the publish path skips the same layers).
+            # (push_request: redis-py speaks RESP3, where a published message is a push)
+            response = await connection.read_response(timeout=self._poll, push_request=True)
+            if response is None:
                 continue
-            await self._handle(pubsub, message)
+            if type(response) is list and len(response) == 3 and response[0] == b"message":
+                self._message(response[1], response[2])
+            else:  # subscribe / unsubscribe confirmations: redis-py keeps its channel bookkeeping
+                message = await pubsub.handle_message(response)  # type: ignore[no-untyped-call]
+                if message is not None:
+                    await self._handle(pubsub, message)
             handled += 1
             if handled % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # buffered messages are read without yielding to other tasks
+
+    def _message(self, channel: bytes, data: bytes) -> None:
+        """A published message on one of the channels."""
+        if channel == self._canary_channel:
+            canary = self._canary
+            if canary is not None and canary[0] == data and not canary[1].done():
+                canary[1].set_result(True)
+        elif channel == self._broadcast_channel:
+            self.messages_received += 1
+            self._call("on_broadcast", self._on_broadcast, data)
+        else:
+            session_id = self._wanted.get(channel)
+            if session_id is not None:  # else unsubscribed, and Redis has not processed it yet
+                self.messages_received += 1
+                self._call("on_events", self._on_events, session_id, data)
 
     async def _handle(self, pubsub: PubSub, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel: bytes = message["channel"]
         if kind == "message":
-            data: bytes = message["data"]
-            if channel == self._canary_channel:
-                canary = self._canary
-                if canary is not None and canary[0] == data and not canary[1].done():
-                    canary[1].set_result(True)
-            elif channel == self._broadcast_channel:
-                self.messages_received += 1
-                self._call("on_broadcast", self._on_broadcast, data)
-            else:
-                session_id = self._wanted.get(channel)
-                if session_id is not None:  # else unsubscribed, and Redis has not processed it yet
-                    self.messages_received += 1
-                    self._call("on_events", self._on_events, session_id, data)
+            self._message(channel, message["data"])
         elif kind == "subscribe":
             self._confirm("subscribe", channel)
             if channel in self._restoring:
