@@ -455,17 +455,75 @@ async def test_delete_removes_every_key_announces_it_and_the_next_life_has_a_new
     assert (await publish(store, s, event())).seqs == [1]
 
 
+#: what a publish adds to session_ttl when it renews (publish.lua renew_session): a tenth, a minute at most
+SLACK_MS = 60_000
+
+
+def key(session_id: str, name: str) -> str:
+    return f"ab:{{{session_id}}}:{name}"
+
+
 async def test_every_key_of_a_session_expires_session_ttl_after_a_publish_or_a_touch(store, raw):
     s = sid()
     await store.put_connection(s, "c1", {"node_id": "n", "user_id": None, "events": ["plan_generated"]}, 60_000)
     await publish(store, s, event(), progress("t", 1), progress("t", 2), limits=LIMITS)
     keys = await raw.keys(f"ab:{{{s}}}:*")
     assert len(keys) == 7  # meta, stream, dedup, dedupz, tasks, undelivered, conns
-    for key in keys:
-        assert 3_500_000 < await raw.pttl(key) <= 3_600_000
-    await store.touch([s, sid()], 5_000)
-    for key in keys:
-        assert 0 < await raw.pttl(key) <= 5_000
+    for k in keys:  # session_ttl at least, and at most the slack more
+        assert 3_600_000 - 1000 < await raw.pttl(k) <= 3_600_000 + SLACK_MS
+    await store.touch([s, sid()], 5_000)  # exact: a touch may shorten it
+    for k in keys:
+        assert 0 < await raw.pttl(k) <= 5_000
+
+
+async def test_a_publish_renews_expiry_only_when_the_deadline_nears_and_at_once_for_a_key_it_makes(store, raw):
+    """The seven PEXPIREs are a third of a publish's commands: they are skipped while the deadline the keys
+    were given is more than session_ttl away, but never for a key the call itself made (it would live for ever)."""
+    s = sid()
+    admitted = ["plan_generated", "task_progress"]
+    await store.put_connection(s, "c1", {"node_id": "n", "user_id": None, "events": admitted}, 60_000)
+    await publish(store, s, event("plan_generated"))
+    first = [key(s, name) for name in ("meta", "stream", "dedup", "dedupz")]
+    for k in first:  # as if the slack had almost passed: shorter than a renewal would make them
+        assert await raw.pexpire(k, 3_601_000)
+    await publish(store, s, event("plan_generated"))
+    for k in first:
+        assert await raw.pttl(k) <= 3_601_000  # not renewed: the recorded deadline is still session_ttl away
+    # a key a publish makes expires with the session: a task's first progress, an event no connection admits
+    for made, kind in (("tasks", progress("t", 1)), ("undelivered", event("session_started"))):
+        assert not await raw.exists(key(s, made))
+        await publish(store, s, kind)
+        assert 3_600_000 - 1000 < await raw.pttl(key(s, made)) <= 3_600_000 + SLACK_MS
+    # once the recorded deadline is less than session_ttl away, a publish renews every key
+    for k in first:
+        assert await raw.pexpire(k, 3_601_000)
+    await raw.hset(key(s, "meta"), "exp_ms", 0)
+    await publish(store, s, event("plan_generated"))
+    for k in first:
+        assert 3_601_000 < await raw.pttl(k) <= 3_600_000 + SLACK_MS
+
+
+async def test_every_key_the_first_publish_makes_in_a_session_created_without_events_expires(store, raw):
+    s = sid()
+    await store.put_connection(s, "c1", {"node_id": "n", "user_id": None, "events": ["*"]}, 60_000)
+    assert await store.create(s, LIMITS.session_ttl_ms)  # a research start: meta only
+    assert await raw.hget(key(s, "meta"), "exp_ms") is None  # no deadline kept: its first publish renews
+    await publish(store, s, event())
+    for name in ("meta", "stream", "dedup", "dedupz"):
+        assert 3_600_000 - 1000 < await raw.pttl(key(s, name)) <= 3_600_000 + SLACK_MS
+
+
+async def test_dedup_keys_swept_empty_and_made_again_by_the_same_publish_still_expire(store, raw):
+    s = sid()
+    await store.put_connection(s, "c1", {"node_id": "n", "user_id": None, "events": ["*"]}, 60_000)
+    await publish(store, s, event(), now_ms=1_000)
+    for k in (key(s, "dedup"), key(s, "dedupz")):
+        assert await raw.pexpire(k, 3_601_000)  # shorter than a renewal: shows whether the next call renewed
+    # the window has passed: the sweep empties both dedup keys, this publish's event id makes them again
+    await publish(store, s, event(), now_ms=1_000 + LIMITS.dedup_window_ms + 1)
+    assert await raw.zcard(key(s, "dedupz")) == 1
+    for k in (key(s, "dedup"), key(s, "dedupz")):
+        assert 3_601_000 < await raw.pttl(k) <= 3_600_000 + SLACK_MS
 
 
 async def test_a_touch_of_more_sessions_than_one_pipeline_takes_reaches_every_one(store, raw):

@@ -3,7 +3,8 @@
 The one place that knows the Redis key layout. Every key of one session
 carries the session id as a hash tag, so they hash to one slot:
 
-    ab:{sid}:meta         hash    epoch, seq (last assigned), created_ms, last_event_ms, throttled
+    ab:{sid}:meta         hash    epoch, seq (last assigned), created_ms, last_event_ms, throttled,
+                                  exp_ms (the keys' deadline, Redis time: publish.lua renews near it)
     ab:{sid}:stream       stream  one entry per message, id <seq>-0, fields m (message JSON), t (type),
                                   k (task_id of a task_progress, else "")
     ab:{sid}:dedup        hash    event_id -> seq, or "" while held / once discarded

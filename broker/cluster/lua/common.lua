@@ -28,10 +28,21 @@ local function clock_ms(override)
   return redis_time_ms()
 end
 
--- Every key of the session lives session_ttl from now.
-local function expire_session(ttl_ms)
-  for i = 1, 7 do
+-- Every key of the session lives `ttl_ms` from now, exactly. Meta (if the
+-- session exists) keeps that deadline as `exp_ms`, in Redis time, so that a
+-- publish can tell whether its own renewal is due (publish.lua renew_session).
+-- `unrecorded`: the session may still lack keys its next publish makes (it was
+-- just created, without events): that publish must renew, whatever the deadline.
+local function expire_session(ttl_ms, unrecorded)
+  ttl_ms = tonumber(ttl_ms)
+  local live = redis.call('PEXPIRE', K_META, ttl_ms) == 1
+  for i = 2, 7 do
     redis.call('PEXPIRE', KEYS[i], ttl_ms)
+  end
+  if live and unrecorded then
+    redis.call('HDEL', K_META, 'exp_ms')
+  elseif live then
+    redis.call('HSET', K_META, 'exp_ms', redis_time_ms() + ttl_ms)
   end
 end
 
@@ -44,14 +55,15 @@ local function begin_life(epoch, now)
   redis.call('HSET', K_META, 'epoch', epoch, 'seq', 0, 'created_ms', now, 'throttled', 0)
 end
 
--- The session's epoch, creating the session with `candidate` if it has none.
+-- The session's epoch, creating the session with `candidate` if it has none;
+-- then the deadline its keys were last given (expire_session; nil for a new one).
 local function session_epoch(candidate, now)
-  local epoch = redis.call('HGET', K_META, 'epoch')
-  if epoch then
-    return epoch
+  local meta = redis.call('HMGET', K_META, 'epoch', 'exp_ms')
+  if meta[1] then
+    return meta[1], tonumber(meta[2])
   end
   begin_life(candidate, now)
-  return candidate
+  return candidate, nil
 end
 
 -- A connection's filter echo admits `etype` (docs/protocol.md section 3.4):
@@ -135,6 +147,10 @@ end
 -- The payload lines of this call's commits: one PUBLISH per call.
 local lines = {}
 
+-- This call may have created a key of the session (its first commit made the
+-- stream, an `undelivered` entry that set): publish.lua then renews at once.
+local keys_created = false
+
 -- Give one event its seq and keep it: HINCRBY seq, XADD with id <seq>-0 and
 -- an exact MAXLEN, `undelivered` when no connection admits it, the dedup
 -- record (`only_if_known`: a flushed event's id may have left the window).
@@ -145,6 +161,10 @@ local function commit(epoch, event_json, etype, task_key, event_id, buffer_size,
   redis.call('XADD', K_STREAM, 'MAXLEN', '=', buffer_size, seq .. '-0', 'm', message, 't', etype, 'k', task_key)
   if not anyone_admits(etype) then
     redis.call('ZADD', K_UNDELIVERED, seq, seq)
+    keys_created = true
+  end
+  if seq == 1 then
+    keys_created = true  -- the stream's first entry
   end
   if (not only_if_known) or redis.call('HEXISTS', K_DEDUP, event_id) == 1 then
     redis.call('HSET', K_DEDUP, event_id, seq)

@@ -14,5 +14,5 @@ if not existing then
 elseif existing == ARGV[2] then
   created = 1  -- a retry of a call that did create it
 end
-expire_session(tonumber(ARGV[3]))
+expire_session(tonumber(ARGV[3]), true)
 return {created, epoch}

@@ -38,7 +38,7 @@ local echo = ARGV[7] == '1'
 local fields = cjson.decode(ARGV[8])
 local n = #fields
 
-local epoch = session_epoch(ARGV[2], now)
+local epoch, exp_ms = session_epoch(ARGV[2], now)
 
 -- Forget event ids accepted before the window (actors/dedup.py forget_before).
 local horizon = '(' .. (now - dedup_window)
@@ -48,6 +48,30 @@ if #old > 0 then
     redis.call('HDEL', K_DEDUP, unpack(old, i, math.min(i + 499, #old)))
   end
   redis.call('ZREMRANGEBYSCORE', K_DEDUPZ, '-inf', horizon)
+  if redis.call('EXISTS', K_DEDUPZ) == 0 then
+    keys_created = true  -- emptied: this call's new event ids make both dedup keys again
+  end
+end
+
+-- Renewing every key's expiry is seven PEXPIREs, a third of a single-event
+-- publish's commands. So a publish renews only when the deadline its session's
+-- keys were last given (meta `exp_ms`, Redis time) is less than session_ttl away,
+-- and then to session_ttl plus a slack (a tenth of it, a minute at most): a
+-- session that publishes steadily renews once per slack, and lives between
+-- session_ttl and session_ttl + slack after its last event. A call that may
+-- have made a key renews at once, since a key without expiry would outlive
+-- its session. The deadline is real Redis time even under a test's clock.
+local function renew_session(force)
+  local real_now = redis_time_ms()
+  if force or exp_ms == nil or exp_ms - real_now < ttl then
+    local life = ttl + math.min(math.floor(ttl / 10), 60000)
+    for i = 1, 7 do
+      redis.call('PEXPIRE', KEYS[i], life)
+    end
+    redis.call('HSET', K_META, 'last_event_ms', now, 'exp_ms', real_now + life)
+  else
+    redis.call('HSET', K_META, 'last_event_ms', now)
+  end
 end
 
 local throttled = 0
@@ -174,8 +198,8 @@ for task_id in pairs(dirty) do
   local task = tasks[task_id]
   if next(task) == nil then
     redis.call('HDEL', K_TASKS, task_id)
-  else
-    redis.call('HSET', K_TASKS, task_id, cjson.encode(task))
+  elseif redis.call('HSET', K_TASKS, task_id, cjson.encode(task)) == 1 then
+    keys_created = true  -- a new task: the first one makes the key
   end
 end
 
@@ -190,9 +214,8 @@ end
 if throttled > 0 then
   redis.call('HINCRBY', K_META, 'throttled', throttled)
 end
-redis.call('HSET', K_META, 'last_event_ms', now)
 local payload = finish_commits(epoch, channel)
-expire_session(ttl)
+renew_session(keys_created)
 if release_query ~= '' and KEYS[9] and redis.call('GET', KEYS[9]) == release_query then
   redis.call('DEL', KEYS[9])
 end
