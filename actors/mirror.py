@@ -181,7 +181,7 @@ class MirrorSessionActor(SessionActor):
         if self.loaded:
             self._apply_early()
 
-    def echoed(self, message: Echoed) -> None:
+    def echoed(self, message: Echoed) -> bool:
         """This node's own publish, from its script's reply: sent now if it is exactly what comes next.
 
         Anything else (a life this mirror does not know, a hole being filled,
@@ -189,6 +189,8 @@ class MirrorSessionActor(SessionActor):
         copy comes in any case and is merged by seq as ever. Dropping, not
         keeping, is what keeps a reply that overtook another node's publish
         from asking the store for a hole that pub/sub is about to fill.
+        True when it was sent: then the copy may be dropped unread (the node's
+        `_on_events`).
         """
         frames = message.frames
         if (
@@ -199,10 +201,11 @@ class MirrorSessionActor(SessionActor):
             or not frames
             or frames[0].seq != self.history.last_seq + 1
         ):
-            return
+            return False
         for frame in frames:
             self.early[frame.seq or 0] = frame
         self._apply_early()
+        return True
 
     def resync(self) -> None:
         """After an outage of the subscription: read whatever came after the mirror's newest seq."""

@@ -620,6 +620,17 @@ async def test_broadcast_and_canary_reach_subscribers(store, raw):
 # -- the channel payload -------------------------------------------------------------------
 
 
+def test_a_payloads_newest_seq_is_read_for_one_life_only():
+    from broker.cluster.payload import committed_through
+
+    payload = b'E ep1\n4\tchunk\t\t{"a":1}\n5\ttask_progress\tt\t{"b":"x\\ty"}'
+    assert committed_through(payload, b"E ep1\n") == 5
+    assert committed_through(payload, b"E ep2\n") is None  # another life
+    assert committed_through(payload, b"E ep\n") is None  # not a prefix of the epoch either
+    assert committed_through(b"D ep1", b"E ep1\n") is None  # a deletion
+    assert committed_through(b"E ep1\n", b"E ep1\n") is None  # no message
+
+
 async def test_one_payload_per_publish_in_the_documented_format(store, raw):
     s = sid()
     pubsub = raw.pubsub()

@@ -165,6 +165,28 @@ async def test_a_nodes_own_publish_reaches_its_followers_from_the_reply_and_its_
     assert await seqs_of(follower, 1) == [4]  # the copies of 1-3 were not delivered again
 
 
+async def test_the_copy_of_a_publish_sent_from_its_reply_is_dropped_unparsed_and_other_copies_are_not(
+    nodes, monkeypatch
+):
+    from broker.cluster import node as node_module
+
+    a, b = nodes
+    follower = await a.client(session_id="e3")
+    await follower.expect(type="connected")
+    parsed: list[bytes] = []
+    parse = node_module.parse_payload
+    monkeypatch.setattr(node_module, "parse_payload", lambda payload: parsed.append(payload) or parse(payload))
+    copies = HeldCopies(a)
+    assert (await a.publish("e3", {"type": "task_started", "task_id": "from-a"})).code == 202
+    assert await seqs_of(follower, 1) == [1]  # from the reply
+    await copies.until(1)
+    parsed.clear()  # the reply's own
+    assert copies.release() == 1  # A's own copy: its mirror sent seq 1 already
+    assert (await b.publish("e3", {"type": "task_started", "task_id": "from-b"})).code == 202
+    assert await seqs_of(follower, 1) == [2]  # another node's publish comes by pub/sub, parsed as ever
+    assert len(parsed) == 1 and b"from-b" in parsed[0]
+
+
 async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes, monkeypatch):
     a, b = nodes
     follower = await a.client(session_id="e2")

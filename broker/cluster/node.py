@@ -33,6 +33,7 @@ import orjson
 import structlog
 from pykka import ActorDeadError
 
+from actors.inbox import LoopActorRef
 from actors.messages import (
     RESYNC,
     Committed,
@@ -49,7 +50,7 @@ from actors.messages import (
     encode,
 )
 from actors.wire import iso_timestamp
-from broker.cluster.payload import Deleted, Published, parse_payload
+from broker.cluster.payload import Deleted, Published, committed_through, parse_payload
 from broker.cluster.store import (
     BackendUnavailable,
     EventMeta,
@@ -137,6 +138,8 @@ class ClusterNode:
         self._chains: dict[str, asyncio.Future[Any]] = {}
         self._timers: list[asyncio.Task[None]] = []
         self._query_ids: dict[str, str] = {}
+        #: per session, (mirror, b"E <epoch>\n", seq): the newest seq its mirror sent from a publish's reply
+        self._sent_from_reply: dict[str, tuple[ActorRef[Any], bytes, int]] = {}
         #: connection records waiting for the writer ((session_id, connection_id) -> record, None to forget)
         self._records: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._record_writer: asyncio.Task[Any] | None = None
@@ -352,6 +355,7 @@ class ClusterNode:
         self._answer(read(), reply_to)
 
     def closed(self, session_id: str) -> None:
+        self._sent_from_reply.pop(session_id, None)
         self._spawn(self.subscriber.unsubscribe(session_id))
 
     def joined(self, session_id: str, connection_id: str, user_id: str | None, events: list[str]) -> None:
@@ -454,6 +458,11 @@ class ClusterNode:
         ref = self.directory.get(session_id)
         if ref is None:
             return  # no mirror here (any more): nothing to deliver
+        sent = self._sent_from_reply.get(session_id)
+        if sent is not None and sent[0] is ref:
+            through = committed_through(payload, sent[1])
+            if through is not None and through <= sent[2]:
+                return  # the copy of this node's own publish, which its mirror sent from the reply (_echo)
         parsed = parse_payload(payload)
         if isinstance(parsed, Deleted):
             message: Any = SessionDeleted(parsed.epoch)
@@ -468,14 +477,24 @@ class ClusterNode:
         Its connections need not wait for the pub/sub copy: that is a second
         read of Redis's answer on another socket, parsed by redis-py's PubSub,
         in a later loop turn than the 202 it would then follow. The copy still
-        comes, and the mirror drops what it has already delivered.
+        comes: when the mirror said it sent the reply's messages, `_on_events`
+        drops the copy after reading its last seq, without parsing it or
+        waking the mirror; otherwise the mirror merges it by seq as ever.
         """
         ref = self.directory.get(session_id)
         parsed = parse_payload(payload)
-        if ref is None or isinstance(parsed, Deleted):
+        if ref is None or isinstance(parsed, Deleted) or not parsed.messages:
             return
+        message = Echoed(parsed.epoch, _frames_of(parsed))
         with contextlib.suppress(ActorDeadError):
-            ref.tell(Echoed(parsed.epoch, _frames_of(parsed)))
+            # An idle mirror (as it is after the run_now of the last publish) takes it in this call and
+            # says whether it sent it; then the pub/sub copy can be dropped unparsed when it comes.
+            handled, sent = ref.ask_now(message) if isinstance(ref, LoopActorRef) else (False, None)
+            if not handled:
+                ref.tell(message)
+            elif sent:
+                epoch_line = b"E " + parsed.epoch.encode() + b"\n"
+                self._sent_from_reply[session_id] = (ref, epoch_line, parsed.messages[-1].seq)
 
     def _on_broadcast(self, payload: bytes) -> None:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Deleted", "Published", "StoredLine", "parse_payload"]
+__all__ = ["Deleted", "Published", "StoredLine", "committed_through", "parse_payload"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +52,18 @@ def parse_payload(payload: bytes) -> Published | Deleted:
         seq, etype, task_id, data = line.split(b"\t", 3)
         messages.append(StoredLine(int(seq), etype.decode(), task_id.decode() or None, data))
     return Published(epoch.decode(), messages)
+
+
+def committed_through(payload: bytes, epoch_line: bytes) -> int | None:
+    """The newest seq a payload of that life commits (its last line's), without parsing the rest.
+
+    `epoch_line` is b"E <epoch>\\n"; None for any other payload (another life,
+    a deletion). The lines are in seq order, so the last one holds the newest.
+    """
+    if not payload.startswith(epoch_line):
+        return None
+    start = payload.rfind(b"\n") + 1
+    end = payload.find(b"\t", start)
+    if start < len(epoch_line) or end <= start:
+        return None
+    return int(payload[start:end])
