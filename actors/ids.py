@@ -12,6 +12,8 @@ import secrets
 
 _PREFIX = secrets.token_hex(8)
 _counter = itertools.count(1)
+_EPOCH_PREFIX = secrets.token_hex(4)
+_epochs = itertools.count(secrets.randbits(32))
 
 
 def new_request_id() -> str:
@@ -20,8 +22,13 @@ def new_request_id() -> str:
 
 
 def new_epoch() -> str:
-    """A fresh epoch for a session's history: random, so a restarted process never reuses one."""
-    return "e-" + secrets.token_hex(8)
+    """A fresh epoch for a session's history: never one a process made before, here or elsewhere.
+
+    `e-` and 16 hex digits: 8 random per process start, then a counter (the
+    Redis backend makes a candidate per publish call; a urandom read each was
+    a system call per publish).
+    """
+    return f"e-{_EPOCH_PREFIX}{next(_epochs) & 0xFFFFFFFF:08x}"
 
 
 def new_event_id() -> str:
