@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.messages import (
     Attach,
+    ChangeFilter,
     CloseConnection,
     Committed,
     Echoed,
@@ -251,6 +252,14 @@ class MirrorSessionActor(SessionActor):
         if self._admit(request, replayed):
             self.backend.joined(self.session_id, request.connection_id, request.user_id, request.filter.echo())
 
+    def change_filter(self, request: ChangeFilter) -> None:
+        """As in memory; then the cluster's record of the connection (and this node's count of
+        connections taking every type, publish.lua's 'a') follow the new filter at once."""
+        super().change_filter(request)
+        member = self.members.get(request.connection_id)
+        if member is not None:
+            self.backend.joined(self.session_id, member.connection_id, member.user_id, member.filter.echo())
+
     def missed_loaded(self, message: MissedLoaded) -> None:
         request, head = self.pending.pop(message.connection_id, (None, 0))
         if request is None:
@@ -331,6 +340,7 @@ _MIRROR_HANDLERS: dict[type, Any] = {
     LoadFailed: MirrorSessionActor.load_failed,
     Committed: MirrorSessionActor.committed,
     Echoed: MirrorSessionActor.echoed,
+    ChangeFilter: MirrorSessionActor.change_filter,
     Resync: lambda mirror, _: mirror.resync(),
     SessionDeleted: MirrorSessionActor.deleted,
     MissedLoaded: MirrorSessionActor.missed_loaded,

@@ -409,6 +409,17 @@ async def test_replay_missed_returns_what_no_connection_on_any_node_admitted(sto
     assert [m.seq for m in (await store.read_missed(s, ["*"])).messages] == [5]
 
 
+async def test_a_publish_from_a_node_whose_connection_takes_everything_leaves_nothing_undelivered(store, raw):
+    """admitted_here: the calling node has a connection with filter ["*"] (ClusterNode knows its own); the
+    script then counts every event as sent without reading the records (which lag: the node writes them later)."""
+    s = sid()
+    await store.ensure(s, 60_000)
+    await publish(store, s, event("session_started"), admitted_here=True)
+    assert await raw.zcard(key(s, "undelivered")) == 0
+    await publish(store, s, event("session_started"))  # no record, no flag: nobody took it
+    assert await raw.zrange(key(s, "undelivered"), 0, -1) == [b"2"]
+
+
 async def test_undelivered_seqs_are_trimmed_with_the_stream(store, raw):
     s = sid()
     limits = Limits(2, 300_000, 5, 1000, 60_000)

@@ -211,6 +211,56 @@ async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_or
     assert holes_read == []  # A's early reply was dropped, not kept as a hole to read back: pub/sub filled it
 
 
+class HeldRecords:
+    """A node's connection records held back (a slow writer): Redis does not know its followers yet."""
+
+    def __init__(self, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert node.broker.cluster is not None
+        store = node.broker.cluster.store
+        self.released = asyncio.Event()
+        write = store.write_connections
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            await self.released.wait()
+            return await write(*args, **kwargs)
+
+        monkeypatch.setattr(store, "write_connections", held)
+
+
+async def first_seq_of(client: WebSocketClient) -> int:
+    return (await seqs_of(client, 1))[0]
+
+
+async def test_a_publish_on_the_node_of_a_follower_taking_everything_counts_as_sent_before_its_record_is_in_redis(
+    nodes, monkeypatch
+):
+    a, b = nodes
+    records = HeldRecords(a, monkeypatch)
+    follower = await a.client(session_id="m1")  # /ws: every type, replay=missed
+    await follower.expect(type="connected")
+    assert (await a.publish("m1", {"type": "session_started"})).code == 202
+    assert await seqs_of(follower, 1) == [1]
+    records.released.set()
+    newcomer = await b.client(session_id="m1")  # replay=missed: what no connection anywhere was sent
+    await newcomer.expect(type="connected")
+    assert (await b.publish("m1", {"type": "task_started", "task_id": "t"})).code == 202
+    assert await first_seq_of(newcomer) == 2  # seq 1 reached the follower on A: not missed
+
+
+async def test_a_follower_that_narrows_its_filter_no_longer_counts_as_taking_everything(nodes):
+    a, b = nodes
+    follower = await a.client(session_id="m2")
+    await follower.expect(type="connected")
+    await follower.send({"type": "unsubscribe", "events": ["session_started"]})
+    assert (await follower.expect(type="subscribed"))["events"] == ["*", "-session_started"]
+    assert (await a.publish("m2", {"type": "session_started"})).code == 202  # seq 1: the follower refuses it
+    assert (await a.publish("m2", {"type": "task_started", "task_id": "t"})).code == 202
+    assert await seqs_of(follower, 1) == [2]
+    newcomer = await b.client(session_id="m2")
+    await newcomer.expect(type="connected")
+    assert await first_seq_of(newcomer) == 1  # nobody was sent it: missed
+
+
 async def test_a_client_reconnecting_to_the_other_node_gets_exactly_what_it_missed(nodes):
     a, b = nodes
     first = await a.client(session_id="c2")

@@ -138,6 +138,9 @@ class ClusterNode:
         self._chains: dict[str, asyncio.Future[Any]] = {}
         self._timers: list[asyncio.Task[None]] = []
         self._query_ids: dict[str, str] = {}
+        #: per session, this node's connections whose filter takes every type: while there is one,
+        #: nothing published here is `undelivered` (publish.lua's 'a' flag spares it every node's records)
+        self._taking_all: dict[str, set[str]] = {}
         #: per session, (mirror, b"E <epoch>\n", seq): the newest seq its mirror sent from a publish's reply
         self._sent_from_reply: dict[str, tuple[ActorRef[Any], bytes, int]] = {}
         #: connection records waiting for the writer ((session_id, connection_id) -> record, None to forget)
@@ -302,7 +305,15 @@ class ClusterNode:
             encoded = [encode(events[i]) for i in indexes]
             metas = [EventMeta.of(events[i]) for i in indexes]
             echo = self.directory.get(sid) is not None  # a mirror here delivers it from the reply
-            return self.store.publish(sid, encoded, metas, limits, release_query=queries.get(sid), echo=echo)
+            return self.store.publish(
+                sid,
+                encoded,
+                metas,
+                limits,
+                release_query=queries.get(sid),
+                echo=echo,
+                admitted_here=sid in self._taking_all,
+            )
 
         try:
             if len(by_session) == 1:  # the usual publish: one call, awaited without a task and a gather
@@ -356,9 +367,17 @@ class ClusterNode:
 
     def closed(self, session_id: str) -> None:
         self._sent_from_reply.pop(session_id, None)
+        self._taking_all.pop(session_id, None)
         self._spawn(self.subscriber.unsubscribe(session_id))
 
     def joined(self, session_id: str, connection_id: str, user_id: str | None, events: list[str]) -> None:
+        taking = self._taking_all.get(session_id)
+        if events == ["*"]:
+            if taking is None:
+                taking = self._taking_all[session_id] = set()
+            taking.add(connection_id)
+        elif taking is not None:
+            self._forget_taker(session_id, connection_id)
         info = {
             "node_id": self.node_id,
             "user_id": user_id,
@@ -371,7 +390,15 @@ class ClusterNode:
         self._record_connection(session_id, connection_id, info)
 
     def left(self, session_id: str, connection_id: str) -> None:
+        self._forget_taker(session_id, connection_id)
         self._record_connection(session_id, connection_id, None)
+
+    def _forget_taker(self, session_id: str, connection_id: str) -> None:
+        taking = self._taking_all.get(session_id)
+        if taking is not None:
+            taking.discard(connection_id)
+            if not taking:
+                del self._taking_all[session_id]
 
     def _record_connection(self, session_id: str, connection_id: str, info: dict[str, Any] | None) -> None:
         """Queue a connection's record (None: forget it); one writer sends what queued up in one round trip.

@@ -434,6 +434,7 @@ class RedisStore:
         now_ms: int | None = None,
         release_query: str | None = None,
         echo: bool = False,
+        admitted_here: bool = False,
     ) -> PublishResult:
         """Publish a batch to one session in ONE script call: dedup, throttle, seq, XADD, PUBLISH.
 
@@ -445,6 +446,9 @@ class RedisStore:
         the end of this one is committed, nor be refused after it was.
         `echo`: the result carries the payload this call published (`PublishResult.echo`),
         for a node that delivers its own publishes from the reply (its pub/sub copy comes too).
+        `admitted_here`: a connection on the calling node takes every type, so none of these
+        events is `undelivered` (replay=missed), and the script need not read every node's
+        connection records to know it.
         """
         if len(events) != len(meta):
             raise ValueError(f"{len(events)} events but {len(meta)} metas")
@@ -462,7 +466,8 @@ class RedisStore:
         names = self._publish_names(session_id)
         # publish.lua's ARGV: a handful of packed values (redis-py encodes each argument in Python)
         args: list[str | bytes] = [_now_arg(now_ms), new_epoch(), _limits_arg(limits), *names.args]
-        args += [(release_query or "").encode(), b"1" if echo else b"", orjson.dumps(fields), *events]
+        flags = (b"e" if echo else b"") + (b"a" if admitted_here else b"")
+        args += [(release_query or "").encode(), flags, orjson.dumps(fields), *events]
         reply = await self._run("publish", self._on_line(self._publish, names.keys, args))
         seqs, held, throttled, received, now, payload = reply
         return PublishResult(

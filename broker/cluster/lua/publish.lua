@@ -7,8 +7,10 @@
 --   [4] events channel, [5] due member prefix ("<sid>\n"),
 --   [6] a query lock id to release with this batch ('' = none: the batch
 --   ends that query, so the next one may start once its end is committed, not before),
---   [7] '1' to have the payload this call publishes returned too ('' = not: the
---       node has no connection to the session, nobody to hand it to),
+--   [7] flags, any of: 'e' to have the payload this call publishes returned too
+--       (without it the node has no connection to the session, nobody to hand
+--       it to); 'a' when a connection on the calling node admits every type
+--       (then no event is `undelivered`, and `conns` need not be read),
 --   [8] the events' fields, a JSON array with one array of 5 strings per event:
 --       event_id, type, task_id ('' if none), progress (text, '' if none),
 --       current_action ('' for none, else '=' .. text),
@@ -34,7 +36,10 @@ conn_stale_ms = limits[6] or 0
 local channel = ARGV[4]
 local due_prefix = ARGV[5]
 local release_query = ARGV[6]
-local echo = ARGV[7] == '1'
+local echo = string.find(ARGV[7], 'e', 1, true) ~= nil
+if string.find(ARGV[7], 'a', 1, true) then
+  conn_filters = {{'*'}}  -- anyone_admits: someone does, whatever the other nodes' records say
+end
 local fields = cjson.decode(ARGV[8])
 local n = #fields
 
