@@ -8,13 +8,14 @@ test checks which reply reached which call, under concurrency and faults.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from redis import exceptions as rx
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import Connection
 
-from broker.cluster.line import PipelinedLine
+from broker.cluster.line import LineTimeout, PipelinedLine
 from tests.support.wire import wait_until
 
 pytestmark = pytest.mark.usefixtures("io_loop")
@@ -97,6 +98,26 @@ async def test_a_call_cut_while_redis_hangs_drops_the_connection_and_no_late_rep
     # the cut call's reply ("cut") may still be sent by Redis on the old connection: it must reach nobody
     assert await line.execute("ECHO", "next") == b"next"
     assert CountingConnection.made == 2
+
+
+async def test_calls_redis_does_not_answer_within_the_deadline_fail_together_and_the_line_recovers(pool, redis_server):
+    line = PipelinedLine(pool, deadline=0.3)
+    try:
+        assert await line.execute("ECHO", "warm") == b"warm"
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            calls = [line.execute("ECHO", f"hung-{n}") for n in range(3)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            waited = time.monotonic() - started
+        finally:
+            redis_server.resume()
+        assert all(isinstance(result, LineTimeout) for result in results), results
+        assert 0.25 < waited < 2  # the deadline, once for all three
+        assert await line.execute("ECHO", "next") == b"next"  # a new connection: no late reply reaches it
+        assert CountingConnection.made == 2
+    finally:
+        await line.aclose()
 
 
 async def test_a_redis_that_is_down_is_a_connection_error_and_the_line_recovers_when_it_is_back(line, redis_server):

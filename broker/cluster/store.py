@@ -70,7 +70,7 @@ from redis.commands.core import AsyncScript
 
 from actors.ids import new_epoch
 from actors.wire import SESSION_ID_RE
-from broker.cluster.line import PipelinedLine
+from broker.cluster.line import LineTimeout, PipelinedLine
 
 __all__ = [
     "BackendUnavailable",
@@ -284,7 +284,7 @@ class RedisStore:
         self._live_nodes = client.register_script(_load("live_nodes.lua"))
         self._due_key = f"{prefix}:throttle:due"
         #: the publish calls' own connection, pipelined (broker/cluster/line.py); every other call uses the pool
-        self._line = PipelinedLine(client.connection_pool)
+        self._line = PipelinedLine(client.connection_pool, deadline=call_timeout)
         self._names: dict[str, _PublishNames] = {}
         self._nodes_key = f"{prefix}:nodes"
 
@@ -360,12 +360,18 @@ class RedisStore:
 
     # -- plumbing --------------------------------------------------------------
 
-    async def _run(self, what: str, call: Any) -> Any:
-        """Await one redis-py call, turning "Redis cannot answer" into BackendUnavailable."""
+    async def _run(self, what: str, call: Any, *, bounded: bool = False) -> Any:
+        """Await one redis-py call, turning "Redis cannot answer" into BackendUnavailable.
+
+        `bounded`: the call keeps its own deadline (the line's, on a connected line), so no
+        timeout context is made around it.
+        """
         try:
+            if bounded or self.call_timeout is None:
+                return await call
             async with asyncio.timeout(self.call_timeout):
                 return await call
-        except TimeoutError as exc:  # the store's deadline (redis-py's own timeout is rx.TimeoutError)
+        except (TimeoutError, LineTimeout) as exc:  # the store's deadline (redis-py's own is rx.TimeoutError)
             raise BackendUnavailable(f"redis did not answer {what} within {self.call_timeout} s") from exc
         except Exception as exc:
             if isinstance(exc, rx.ConnectionError) and str(exc).startswith("No connection available"):
@@ -387,7 +393,8 @@ class RedisStore:
             try:
                 return await self._line.execute("EVALSHA", script.sha, len(keys), *keys, *args)
             except rx.NoScriptError:  # a Redis restarted without persistence, or SCRIPT FLUSH
-                script.sha = await self.client.script_load(script.script)
+                async with asyncio.timeout(self.call_timeout):  # a pooled connection: no deadline of the line's
+                    script.sha = await self.client.script_load(script.script)
                 return await self._line.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
         retry = self.client.get_retry()
@@ -468,7 +475,8 @@ class RedisStore:
         args: list[str | bytes] = [_now_arg(now_ms), new_epoch(), _limits_arg(limits), *names.args]
         flags = (b"e" if echo else b"") + (b"a" if admitted_here else b"")
         args += [(release_query or "").encode(), flags, orjson.dumps(fields), *events]
-        reply = await self._run("publish", self._on_line(self._publish, names.keys, args))
+        # on a connected line the line's own deadline bounds the call; connecting is bounded by the store's
+        reply = await self._run("publish", self._on_line(self._publish, names.keys, args), bounded=self._line.connected)
         seqs, held, throttled, received, now, payload = reply
         return PublishResult(
             [seq or None for seq in seqs],
