@@ -426,6 +426,10 @@ async def test_undelivered_seqs_are_trimmed_with_the_stream(store, raw):
     await publish(store, s, *(event() for _ in range(4)), limits=limits)
     assert await raw.zrange(f"ab:{{{s}}}:undelivered", 0, -1) == [b"3", b"4"]
     assert [m.seq for m in (await store.read_missed(s)).messages] == [3, 4]
+    # seqs the stream evicted later, by publishes that marked nothing undelivered, are not missed either
+    await publish(store, s, event(), limits=limits)
+    await publish(store, s, *(event() for _ in range(2)), limits=limits, admitted_here=True)
+    assert [m.seq for m in (await store.read_missed(s)).messages] == []  # 5 left the stream (6, 7 remain)
 
 
 # -- session lifecycle -----------------------------------------------------------------

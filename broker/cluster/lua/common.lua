@@ -150,6 +150,8 @@ local lines = {}
 -- This call may have created a key of the session (its first commit made the
 -- stream, an `undelivered` entry that set): publish.lua then renews at once.
 local keys_created = false
+-- This call marked a seq `undelivered`: finish_commits trims the set to the stream.
+local added_undelivered = false
 
 -- Give one event its seq and keep it: HINCRBY seq, XADD with id <seq>-0 and
 -- an exact MAXLEN, `undelivered` when no connection admits it, the dedup
@@ -162,6 +164,7 @@ local function commit(epoch, event_json, etype, task_key, event_id, buffer_size,
   if not anyone_admits(etype) then
     redis.call('ZADD', K_UNDELIVERED, seq, seq)
     keys_created = true
+    added_undelivered = true
   end
   if seq == 1 then
     keys_created = true  -- the stream's first entry
@@ -187,10 +190,15 @@ local function finish_commits(epoch, channel)
   if #lines == 0 then
     return ''
   end
-  local first = redis.call('XRANGE', K_STREAM, '-', '+', 'COUNT', 1)
-  if first[1] then
-    local first_seq = string.match(first[1][1], '^(%d+)')
-    redis.call('ZREMRANGEBYSCORE', K_UNDELIVERED, '-inf', '(' .. first_seq)
+  if added_undelivered then
+    -- Only a call that added to the set trims it: then it never holds more than the
+    -- stream's seqs and one batch, and a call that added nothing (the usual one: some
+    -- connection takes everything) spends no command on it. read_missed trims too.
+    local first = redis.call('XRANGE', K_STREAM, '-', '+', 'COUNT', 1)
+    if first[1] then
+      local first_seq = string.match(first[1][1], '^(%d+)')
+      redis.call('ZREMRANGEBYSCORE', K_UNDELIVERED, '-inf', '(' .. first_seq)
+    end
   end
   local payload = 'E ' .. epoch .. '\n' .. table.concat(lines, '\n')
   redis.call('PUBLISH', channel, payload)
