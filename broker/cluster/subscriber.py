@@ -317,7 +317,7 @@ class Subscriber:
         Every loop here ends on `_stopped` as well as on its cancel: a cancel that lands
         inside a redis-py call can be lost (seen under load in tests/test_cluster_daemons.py:
         the reader went on after stop() cancelled it; compare redis/redis-py#2551), and
-        get_message() with a short timeout is where the reader always waits.
+        a read with a short timeout (`_read`) is where the reader always waits.
         """
         while not self._stopped:
             try:
