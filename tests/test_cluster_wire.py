@@ -27,6 +27,7 @@ from broker.config import Settings
 from broker.core import Broker
 from broker.testing import WebSocketClient
 from tests.support.redis import RedisServer
+from tests.support.wire import wait_until
 from tests.test_daemon import spawn, terminate  # noqa: F401 - spawn is a fixture
 
 
@@ -371,6 +372,29 @@ async def test_a_daemon_starts_while_redis_is_down_and_is_ready_once_it_answers(
         await terminate(second)
     finally:
         redis.stop()
+
+
+async def test_a_node_keeps_nothing_of_a_session_once_its_last_follower_left(nodes):
+    """The node's own per-session notes (the connections taking every type, what the mirror sent from a
+    publish's reply) go with the mirror: under churn they would otherwise grow with every session and connection."""
+    a, _ = nodes
+    cluster = a.broker.cluster
+    assert cluster is not None
+    client = await a.client(session_id="kept")
+    await client.expect(type="connected")
+    await a.publish("kept", {"type": "task_started", "task_id": "t"})
+    await client.expect(type="task_started")
+    assert "kept" in cluster._taking_all and "kept" in cluster._sent_from_reply
+    client.close()
+    await wait_until(lambda: _nothing_kept(a, "kept"), what="the mirror ended and its notes went")
+    assert "kept" not in cluster._taking_all and "kept" not in cluster._sent_from_reply
+
+
+async def _nothing_kept(node: Node, session_id: str) -> bool:
+    cluster = node.broker.cluster
+    assert cluster is not None
+    await node.fetch("/healthz")  # an HTTP round trip: the node's loop runs between tries
+    return node.broker.directory.get(session_id) is None and session_id not in cluster._taking_all
 
 
 async def test_a_session_mirror_is_freed_when_its_last_follower_leaves_without_a_collection(nodes):
