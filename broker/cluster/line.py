@@ -106,11 +106,15 @@ class PipelinedLine:
             await conn.send_packed_command(conn.pack_command(*args), check_health=False)
         except BaseException as exc:
             self._drop(line, exc)
+            _retrieved(reply)
             raise
         if not line.reading:
             line.reading = True
             try:
                 await self._read(line, until=reply)
+            except BaseException:
+                _retrieved(reply)  # cut while reading: the failure is raised here, not from the future
+                raise
             finally:
                 line.reading = False
             if line.waiting and self._current is line:  # calls behind this one: the line's task reads on
@@ -212,3 +216,9 @@ class PipelinedLine:
         closing.add_done_callback(self._closing.discard)
         if line.reader is not None and line.reader is not asyncio.current_task():
             line.reader.cancel()
+
+
+def _retrieved(reply: asyncio.Future[Any]) -> None:
+    """Mark a failed future of a call that raises another way as seen (asyncio would log it as never retrieved)."""
+    if reply.done() and not reply.cancelled():
+        reply.exception()

@@ -513,7 +513,7 @@ class ClusterNode:
         if ref is None or isinstance(parsed, Deleted) or not parsed.messages:
             return
         message = Echoed(parsed.epoch, _frames_of(parsed))
-        with contextlib.suppress(ActorDeadError):
+        try:
             # An idle mirror (as it is after the run_now of the last publish) takes it in this call and
             # says whether it sent it; then the pub/sub copy can be dropped unparsed when it comes.
             handled, sent = ref.ask_now(message) if isinstance(ref, LoopActorRef) else (False, None)
@@ -522,6 +522,10 @@ class ClusterNode:
             elif sent:
                 epoch_line = b"E " + parsed.epoch.encode() + b"\n"
                 self._sent_from_reply[session_id] = (ref, epoch_line, parsed.messages[-1].seq)
+        except ActorDeadError:
+            pass
+        except Exception:  # the publish is committed: a mirror's failure must not turn its 202 into a 500
+            self.log.exception("echo_failed", session_id=session_id)
 
     def _on_broadcast(self, payload: bytes) -> None:
         try:
