@@ -371,12 +371,9 @@ class ClusterNode:
         self._spawn(self.subscriber.unsubscribe(session_id))
 
     def joined(self, session_id: str, connection_id: str, user_id: str | None, events: list[str]) -> None:
-        taking = self._taking_all.get(session_id)
         if events == ["*"]:
-            if taking is None:
-                taking = self._taking_all[session_id] = set()
-            taking.add(connection_id)
-        elif taking is not None:
+            self._taking_all.setdefault(session_id, set()).add(connection_id)
+        else:  # a new filter (ChangeFilter) that no longer takes everything
             self._forget_taker(session_id, connection_id)
         info = {
             "node_id": self.node_id,
@@ -509,8 +506,10 @@ class ClusterNode:
         waking the mirror; otherwise the mirror merges it by seq as ever.
         """
         ref = self.directory.get(session_id)
+        if ref is None:
+            return
         parsed = parse_payload(payload)
-        if ref is None or isinstance(parsed, Deleted) or not parsed.messages:
+        if isinstance(parsed, Deleted) or not parsed.messages:
             return
         message = Echoed(parsed.epoch, _frames_of(parsed))
         try:

@@ -306,9 +306,10 @@ class RedisStore:
         store's own deadline on each call (`call_timeout`: the pool's wait, then
         (retries + 1) x timeout), not by redis-py's `socket_timeout`: on Python 3.11
         that one wraps every command's send in `asyncio.wait_for`, a task of its own
-        per command (bench/store_publish.py compares the two: 1.14x the client's CPU
-        per publish call in one run). A call the deadline cuts is cancelled inside
-        redis-py, which then drops that connection (no half-read reply is reused).
+        per command (bench/store_publish.py compares the set-ups). A call the deadline
+        cuts is cancelled inside redis-py, which then drops that connection (no
+        half-read reply is reused); on the publish line, the line's own deadline
+        (`PipelinedLine.deadline`, the same length) drops the line.
         """
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
         pool_wait = max(2.0, 2 * timeout)

@@ -67,16 +67,10 @@ end
 -- have made a key renews at once, since a key without expiry would outlive
 -- its session. The deadline is real Redis time even under a test's clock.
 local function renew_session(force)
-  local real_now = redis_time_ms()
-  if force or exp_ms == nil or exp_ms - real_now < ttl then
-    local life = ttl + math.min(math.floor(ttl / 10), 60000)
-    for i = 1, 7 do
-      redis.call('PEXPIRE', KEYS[i], life)
-    end
-    redis.call('HSET', K_META, 'last_event_ms', now, 'exp_ms', real_now + life)
-  else
-    redis.call('HSET', K_META, 'last_event_ms', now)
+  if force or exp_ms == nil or exp_ms - redis_time_ms() < ttl then
+    expire_session(ttl + math.min(math.floor(ttl / 10), 60000))  -- records the new deadline
   end
+  redis.call('HSET', K_META, 'last_event_ms', now)
 end
 
 local throttled = 0
