@@ -11,6 +11,7 @@ and SIGSTOPped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import re
 import time
@@ -480,10 +481,11 @@ def key(session_id: str, name: str) -> str:
 
 async def test_every_key_of_a_session_expires_session_ttl_after_a_publish_or_a_touch(store, raw):
     s = sid()
+    await store.ensure(s, 60_000, listener="n")
     await store.put_connection(s, "c1", {"node_id": "n", "user_id": None, "events": ["plan_generated"]}, 60_000)
     await publish(store, s, event(), progress("t", 1), progress("t", 2), limits=LIMITS)
     keys = await raw.keys(f"ab:{{{s}}}:*")
-    assert len(keys) == 7  # meta, stream, dedup, dedupz, tasks, undelivered, conns
+    assert len(keys) == 8  # meta, stream, dedup, dedupz, tasks, undelivered, conns, listeners
     for k in keys:  # session_ttl at least, and at most the slack more
         assert 3_600_000 - 1000 < await raw.pttl(k) <= 3_600_000 + SLACK_MS
     await store.touch([s, sid()], 5_000)  # exact: a touch may shorten it
@@ -672,6 +674,39 @@ async def test_one_payload_per_publish_in_the_documented_format(store, raw):
     for row, sent in zip(rows, [events[0], events[1], events[3]], strict=True):
         assert orjson.loads(row[3]) == {**sent, "seq": int(row[0]), "epoch": epoch}
     assert [m.data for m in (await store.read(s, 0)).messages] == [r[3] for r in rows]
+
+
+async def test_a_publish_is_published_only_when_another_live_node_hears_the_session(store, raw):
+    s = sid()
+    limits = dataclasses.replace(LIMITS, connection_stale_ms=60_000)
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(store.events_channel(s))
+    assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+    try:
+        alone = await publish(store, s, event(), origin="n1", limits=limits)
+        assert (alone.published, alone.echo is not None) == (False, True)  # nobody marked: returned instead
+        await store.ensure(s, 60_000, listener="n1")
+        mine = await publish(store, s, event(), origin="n1", limits=limits)
+        assert not mine.published  # only the caller hears it
+        await store.ensure(s, 60_000, listener="n2")
+        heard = await publish(store, s, event(), origin="n1", limits=limits, echo=True)
+        assert heard.published
+        # n2 stops restamping (it died): a stamp older than connection_stale_ms does not count, and goes
+        await raw.hset(f"ab:{{{s}}}:listeners", "n2", 1)
+        stale = await publish(store, s, event(), origin="n1", limits=limits)
+        assert not stale.published
+        assert await raw.hkeys(f"ab:{{{s}}}:listeners") == [b"n1"]
+        await store.touch([s], 60_000, listener="n2")  # a touch restamps
+        again = await publish(store, s, event(), origin="n1", limits=limits, echo=True)
+        assert again.published
+        unnamed = await publish(store, s, event(), limits=limits, echo=True)
+        assert unnamed.published  # no origin: always published
+        # what reached the channel: exactly the published ones, in order (nothing of the others came first)
+        came = [(await pubsub.get_message(timeout=2))["data"] for _ in range(3)]
+    finally:
+        await pubsub.aclose()
+    assert came == [heard.echo, again.echo, unnamed.echo]
+    assert [r.seqs for r in (alone, mine, heard, stale, again, unnamed)] == [[1], [2], [3], [4], [5], [6]]
 
 
 # -- round trips, scripts, faults ------------------------------------------------------------

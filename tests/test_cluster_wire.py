@@ -56,7 +56,8 @@ class Node:
 
 
 async def start_node(redis_url: str, node_id: str, **settings: Any) -> Node:
-    settings = Settings(backend="redis", redis_url=redis_url, node_id=node_id, backend_check_interval=0.5, **settings)
+    settings.setdefault("backend_check_interval", 0.5)
+    settings = Settings(backend="redis", redis_url=redis_url, node_id=node_id, **settings)
     broker = Broker(settings)
     broker.ready = True
     await broker.start()
@@ -151,10 +152,17 @@ class HeldCopies:
         return len(held)
 
 
-async def test_a_nodes_own_publish_reaches_its_followers_from_the_reply_and_its_copy_is_not_sent_again(nodes):
-    a, _ = nodes
-    follower = await a.client(session_id="e1")
+async def followed_on_both(a: Node, b: Node, session_id: str) -> WebSocketClient:
+    """A follower of the session on A, and one on B (so that A's publishes are PUBLISHed: B hears them)."""
+    follower = await a.client(session_id=session_id)
     await follower.expect(type="connected")
+    await (await b.client(session_id=session_id)).expect(type="connected")
+    return follower
+
+
+async def test_a_nodes_own_publish_reaches_its_followers_from_the_reply_and_its_copy_is_not_sent_again(nodes):
+    a, b = nodes
+    follower = await followed_on_both(a, b, "e1")
     copies = HeldCopies(a)
     for n in range(3):
         response = await a.publish("e1", {"type": "task_started", "task_id": f"t{n}"})
@@ -172,8 +180,7 @@ async def test_the_copy_of_a_publish_sent_from_its_reply_is_dropped_unparsed_and
     from broker.cluster import node as node_module
 
     a, b = nodes
-    follower = await a.client(session_id="e3")
-    await follower.expect(type="connected")
+    follower = await followed_on_both(a, b, "e3")
     parsed: list[bytes] = []
     parse = node_module.parse_payload
     monkeypatch.setattr(node_module, "parse_payload", lambda payload: parsed.append(payload) or parse(payload))
@@ -185,13 +192,13 @@ async def test_the_copy_of_a_publish_sent_from_its_reply_is_dropped_unparsed_and
     assert copies.release() == 1  # A's own copy: its mirror sent seq 1 already
     assert (await b.publish("e3", {"type": "task_started", "task_id": "from-b"})).code == 202
     assert await seqs_of(follower, 1) == [2]  # another node's publish comes by pub/sub, parsed as ever
-    assert len(parsed) == 1 and b"from-b" in parsed[0]
+    assert not any(b"from-a" in payload for payload in parsed)  # A's own copy was dropped unparsed
+    assert sum(b"from-b" in payload for payload in parsed) == 2  # B's reply, and its copy on A, parsed as ever
 
 
 async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes, monkeypatch):
     a, b = nodes
-    follower = await a.client(session_id="e2")
-    await follower.expect(type="connected")
+    follower = await followed_on_both(a, b, "e2")
     assert a.broker.cluster is not None
     store = a.broker.cluster.store
     holes_read: list[Any] = []
@@ -210,6 +217,97 @@ async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_or
     first, second = await follower.expect(type="task_started"), await follower.expect(type="task_started")
     assert [(first["seq"], first["task_id"]), (second["seq"], second["task_id"])] == [(1, "from-b"), (2, "from-a")]
     assert holes_read == []  # A's early reply was dropped, not kept as a hole to read back: pub/sub filled it
+
+
+async def test_a_publish_no_other_node_hears_is_not_published_and_its_followers_get_it_from_the_reply(nodes):
+    a, b = nodes
+    follower = await a.client(session_id="q1")
+    await follower.expect(type="connected")
+    copies = HeldCopies(a)
+    for n in range(3):
+        assert (await a.publish("q1", {"type": "task_started", "task_id": f"a{n}"})).code == 202
+    assert await seqs_of(follower, 3) == [1, 2, 3]  # from the replies: no copy is held back
+    # B does not hear q1, so A does: B's publish is PUBLISHed. Redis sends one connection's
+    # messages in order, so had A's three been PUBLISHed, their copies would come first.
+    assert (await b.publish("q1", {"type": "task_started", "task_id": "from-b"})).code == 202
+    await copies.until(1)
+    [(_, payload)] = copies.held
+    assert b'"task_id":"from-b"' in payload and b'"task_id":"a0"' not in payload
+    copies.release()
+    assert await seqs_of(follower, 1) == [4]
+
+
+async def test_a_node_that_starts_to_follow_hears_a_session_whose_publisher_was_alone(nodes):
+    a, b = nodes
+    on_a = await a.client(session_id="q2")
+    await on_a.expect(type="connected")
+    for n in range(2):
+        assert (await a.publish("q2", {"type": "task_started", "task_id": f"a{n}"})).code == 202  # not PUBLISHed
+    assert await seqs_of(on_a, 2) == [1, 2]
+    on_b = await b.client(session_id="q2", last_seq=0)
+    await on_b.expect(type="connected")
+    assert await seqs_of(on_b, 2) == [1, 2]  # from the stream, read after B marked itself
+    assert (await a.publish("q2", {"type": "task_started", "task_id": "after"})).code == 202
+    assert await seqs_of(on_b, 1) == [3]  # PUBLISHed now: B hears q2
+    assert await seqs_of(on_a, 1) == [3]
+
+
+async def test_an_unpublished_reply_that_overtakes_another_nodes_publish_fills_the_hole_from_the_stream(
+    nodes, monkeypatch
+):
+    a, b = nodes
+    follower = await a.client(session_id="q3")
+    await follower.expect(type="connected")
+    assert a.broker.cluster is not None
+    store = a.broker.cluster.store
+    holes_read: list[Any] = []
+    read = store.read
+
+    async def counted_read(*args: Any, **kwargs: Any) -> Any:
+        holes_read.append(args)
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read", counted_read)
+    copies = HeldCopies(a)
+    assert (await b.publish("q3", {"type": "task_started", "task_id": "from-b"})).code == 202  # seq 1, held on A
+    assert (await a.publish("q3", {"type": "task_started", "task_id": "from-a"})).code == 202  # seq 2, unpublished
+    first, second = await follower.expect(type="task_started"), await follower.expect(type="task_started")
+    assert [(first["seq"], first["task_id"]), (second["seq"], second["task_id"])] == [(1, "from-b"), (2, "from-a")]
+    assert len(holes_read) == 1  # no copy of seq 2 will come: the hole before it was read back
+    await copies.until(1)
+    assert copies.release() == 1  # seq 1's late copy: sent already, not again
+    assert (await a.publish("q3", {"type": "task_started", "task_id": "last"})).code == 202
+    assert await seqs_of(follower, 1) == [3]
+
+
+async def test_a_node_marks_itself_again_after_its_subscription_is_restored(io_loop, dispatcher, redis_server):
+    # A long check interval: only the restore can mark B again within the test.
+    a = await start_node(redis_server.url, "node-a", backend_check_interval=30.0)
+    b = await start_node(redis_server.url, "node-b", backend_check_interval=30.0)
+    try:
+        on_b = await b.client(session_id="q4")
+        await on_b.expect(type="connected")
+        assert b.broker.cluster is not None
+        subscriber = b.broker.cluster.subscriber
+        key = "ab:{q4}:listeners"
+
+        def marked() -> bool:
+            return redis_server.command("HEXISTS", key, "node-b").startswith(b":1")  # the raw reply
+
+        assert marked()
+        redis_server.command("DEL", key)  # what a Redis restarted without persistence has lost
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+
+        async def marked_and_healthy() -> bool:
+            await asyncio.sleep(0)
+            return subscriber.reconnects >= 1 and subscriber.healthy and marked()
+
+        await wait_until(marked_and_healthy, timeout=10, what="node B's mark, written again after the restore")
+        assert (await a.publish("q4", {"type": "task_started", "task_id": "after"})).code == 202
+        assert await seqs_of(on_b, 1) == [1]
+    finally:
+        for node in (a, b):
+            await stop_node(node)
 
 
 class HeldRecords:
@@ -377,11 +475,10 @@ async def test_a_daemon_starts_while_redis_is_down_and_is_ready_once_it_answers(
 async def test_a_node_keeps_nothing_of_a_session_once_its_last_follower_left(nodes):
     """The node's own per-session notes (the connections taking every type, what the mirror sent from a
     publish's reply) go with the mirror: under churn they would otherwise grow with every session and connection."""
-    a, _ = nodes
+    a, b = nodes
     cluster = a.broker.cluster
     assert cluster is not None
-    client = await a.client(session_id="kept")
-    await client.expect(type="connected")
+    client = await followed_on_both(a, b, "kept")  # B hears it: A's publish is PUBLISHed, its copy noted
     await a.publish("kept", {"type": "task_started", "task_id": "t"})
     await client.expect(type="task_started")
     assert "kept" in cluster._taking_all and "kept" in cluster._sent_from_reply

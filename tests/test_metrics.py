@@ -149,6 +149,8 @@ async def test_a_redis_node_reports_its_subscription_and_a_cut_one_is_counted(
     assert samples.value("broker_node", node_id=broker.cluster.node_id) == 1  # node_id names the node here too
     assert samples.value("broker_redis_reconnects_total") == 0
     client, _ = await connect("rm1", research=True)
+    # another node hears rm1 (its mark, stamped far ahead): this node's publish then goes out by pub/sub
+    redis_server.command("HSET", "ab:{rm1}:listeners", "another-node", "99999999999999")
     await publish(http_server_client, "rm1", [{"type": "task_started", "task_id": "t1"}])
     await client.expect(type="task_started")
     received = await metrics(http_server_client)

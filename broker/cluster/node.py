@@ -235,7 +235,7 @@ class ClusterNode:
             self.nodes = await self.store.live_nodes(silent_ms(self.settings))
             sessions = [sid for sid, _ in self.directory.items()]
             if sessions:
-                await self.store.touch(sessions, self._limits().session_ttl_ms)
+                await self.store.touch(sessions, self._limits().session_ttl_ms, listener=self.node_id)
             await self._sync_connections()
             await self._renew_query_locks()
         except BackendUnavailable as exc:
@@ -313,6 +313,7 @@ class ClusterNode:
                 release_query=queries.get(sid),
                 echo=echo,
                 admitted_here=sid in self._taking_all,
+                origin=self.node_id,
             )
 
         try:
@@ -329,7 +330,7 @@ class ClusterNode:
             for index, seq in zip(indexes, result.seqs, strict=True):
                 seqs[index] = seq
             if result.echo is not None:
-                self._echo(sid, result.echo)
+                self._echo(sid, result.echo, result.published)
             for task_id, due_ms in result.held:
                 self._flush_later(sid, task_id, (due_ms - result.now_ms) / 1000)
             self.stats.total_events_received += result.received
@@ -353,8 +354,10 @@ class ClusterNode:
 
     def open(self, session_id: str, reply_to: ActorRef[Any]) -> None:
         async def load() -> None:
+            # Subscribed (confirmed), then marked as hearing it, then the read: a publish
+            # elsewhere is either in what is read or PUBLISHed to this node (publish.lua).
             await self.subscriber.subscribe(session_id)
-            await self.store.ensure(session_id, self._limits().session_ttl_ms)
+            await self.store.ensure(session_id, self._limits().session_ttl_ms, listener=self.node_id)
             reply_to.tell(Loaded(_as_history(await self.store.read(session_id, 0))))
 
         self._answer(load(), reply_to)
@@ -495,15 +498,18 @@ class ClusterNode:
         with contextlib.suppress(ActorDeadError):
             ref.tell(message)
 
-    def _echo(self, session_id: str, payload: bytes) -> None:
+    def _echo(self, session_id: str, payload: bytes, published: bool = True) -> None:
         """This node's own publish, to its mirror straight from the script's reply (actors.messages.Echoed).
 
         Its connections need not wait for the pub/sub copy: that is a second
         read of Redis's answer on another socket, parsed by redis-py's PubSub,
-        in a later loop turn than the 202 it would then follow. The copy still
-        comes: when the mirror said it sent the reply's messages, `_on_events`
-        drops the copy after reading its last seq, without parsing it or
-        waking the mirror; otherwise the mirror merges it by seq as ever.
+        in a later loop turn than the 202 it would then follow. When
+        `published`, the copy still comes: when the mirror said it sent the
+        reply's messages, `_on_events` drops the copy after reading its last
+        seq, without parsing it or waking the mirror; otherwise the mirror
+        merges it by seq as ever. When not (no other node hears the session),
+        no copy comes: what the mirror cannot send at once it gets as the copy
+        would have brought it (`Committed`: merged by seq, a hole read back).
         """
         ref = self.directory.get(session_id)
         if ref is None:
@@ -516,7 +522,10 @@ class ClusterNode:
             # An idle mirror (as it is after the run_now of the last publish) takes it in this call and
             # says whether it sent it; then the pub/sub copy can be dropped unparsed when it comes.
             handled, sent = ref.ask_now(message) if isinstance(ref, LoopActorRef) else (False, None)
-            if not handled:
+            if not published:
+                if not (handled and sent):
+                    ref.tell(Committed(message.epoch, message.frames))
+            elif not handled:
                 ref.tell(message)
             elif sent:
                 epoch_line = b"E " + parsed.epoch.encode() + b"\n"
@@ -571,11 +580,24 @@ class ClusterNode:
         }
 
     def _on_restored(self) -> None:
-        """The subscription is back after an outage: every mirror reads what it may have missed."""
+        """The subscription is back after an outage: every mirror reads what it may have missed.
+
+        This node's marks as hearing its sessions are written again first (a Redis
+        that restarted without persistence lost them; until they are back, other
+        nodes' publishes would not be PUBLISHed to it), then the mirrors read.
+        """
         self.log.info("subscription_restored", sessions=len(self.directory))
-        for _, ref in self.directory.items():
-            with contextlib.suppress(ActorDeadError):
-                ref.tell(RESYNC)
+        self._spawn(self._remark_and_resync())
+
+    async def _remark_and_resync(self) -> None:
+        sessions = [sid for sid, _ in self.directory.items()]
+        try:
+            if sessions:
+                await self.store.touch(sessions, self._limits().session_ttl_ms, listener=self.node_id)
+        finally:  # Redis down again: read anyway; the next restore marks and reads again
+            for _, ref in self.directory.items():
+                with contextlib.suppress(ActorDeadError):
+                    ref.tell(RESYNC)
 
     # -- tasks -------------------------------------------------------------------
 
@@ -583,6 +605,9 @@ class ClusterNode:
         task = asyncio.ensure_future(self._guarded(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before its first step (stop()) never awaited `work`: close it, or
+        # Python warns that it was never awaited. Closing a finished coroutine does nothing.
+        task.add_done_callback(lambda _: work.close())
         return task
 
     async def _guarded(self, work: Coroutine[Any, Any, Any]) -> Any:

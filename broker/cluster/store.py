@@ -14,6 +14,9 @@ carries the session id as a hash tag, so they hash to one slot:
     ab:{sid}:conns        hash    connection_id -> JSON {seen_ms (Redis time of its last refresh), node_id,
                                   user_id, events, ...}; stale (its node died) once not refreshed for
                                   Limits.connection_stale_ms
+    ab:{sid}:listeners    hash    node_id -> Redis time (ms) it last said it hears the session's channel
+                                  (ensure and touch with `listener`); a publish from the only node
+                                  marked there (or from one where nobody is) is not PUBLISHed
     ab:{sid}:query        string  the running query's id (the one-query-at-a-time lock)
     ab:throttle:due       zset    "<sid>\\n<task_id>" scored by due time: the trailing-edge sweep
     ab:nodes              hash    node_id -> last heartbeat (Redis time, ms)
@@ -82,7 +85,7 @@ __all__ = [
     "StoredMessage",
 ]
 
-_SESSION_KEYS = ("meta", "stream", "dedup", "dedupz", "tasks", "undelivered", "conns")
+_SESSION_KEYS = ("meta", "stream", "dedup", "dedupz", "tasks", "undelivered", "conns", "listeners")
 #: Commands per pipeline in a node's background writes (its connection records, its touches).
 #: redis-py packs a pipeline and parses its replies without a loop turn, about 15-30 µs a
 #: command: one pipeline of a node's 1 000 connection records held every publish and delivery
@@ -147,8 +150,11 @@ class PublishResult:
     throttled: int = 0
     received: int = 0
     now_ms: int = 0  # Redis time at the publish
-    #: what the call published on the session's channel (broker/cluster/payload.py), when `echo` asked for it
+    #: the call's payload (broker/cluster/payload.py): when `echo` asked for it, and always when it was not published
     echo: bytes | None = None
+    #: the payload went out on the session's channel (False: no other node hears it, and only
+    #: the caller's own connections can get it, from `echo`)
+    published: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +449,7 @@ class RedisStore:
         release_query: str | None = None,
         echo: bool = False,
         admitted_here: bool = False,
+        origin: str | None = None,
     ) -> PublishResult:
         """Publish a batch to one session in ONE script call: dedup, throttle, seq, XADD, PUBLISH.
 
@@ -457,6 +464,10 @@ class RedisStore:
         `admitted_here`: a connection on the calling node takes every type, so none of these
         events is `undelivered` (replay=missed), and the script need not read every node's
         connection records to know it.
+        `origin`: the calling node's id. When no other live node is marked as hearing
+        the session (`ensure` and `touch` with `listener`), the payload is not PUBLISHed:
+        `published` is False and `echo` holds it, for the caller's own connections.
+        None: always published.
         """
         if len(events) != len(meta):
             raise ValueError(f"{len(events)} events but {len(meta)} metas")
@@ -475,10 +486,10 @@ class RedisStore:
         # publish.lua's ARGV: a handful of packed values (redis-py encodes each argument in Python)
         args: list[str | bytes] = [_now_arg(now_ms), new_epoch(), _limits_arg(limits), *names.args]
         flags = (b"e" if echo else b"") + (b"a" if admitted_here else b"")
-        args += [(release_query or "").encode(), flags, orjson.dumps(fields), *events]
+        args += [(release_query or "").encode(), flags, (origin or "").encode(), orjson.dumps(fields), *events]
         # on a connected line the line's own deadline bounds the call; connecting is bounded by the store's
         reply = await self._run("publish", self._on_line(self._publish, names.keys, args), bounded=self._line.connected)
-        seqs, held, throttled, received, now, payload = reply
+        seqs, held, throttled, received, now, payload, published = reply
         return PublishResult(
             [seq or None for seq in seqs],
             [(held[i].decode(), int(held[i + 1])) for i in range(0, len(held), 2)],
@@ -486,6 +497,7 @@ class RedisStore:
             int(received),
             int(now),
             payload or None,
+            published == 1,
         )
 
     async def flush(self, session_id: str, task_id: str, limits: Limits, *, now_ms: int | None = None) -> int | None:
@@ -562,8 +574,10 @@ class RedisStore:
 
     # -- session lifecycle ---------------------------------------------------------
 
-    async def _create(self, session_id: str, session_ttl_ms: int, now_ms: int | None) -> tuple[bool, str]:
-        args: list[str | int] = [_now_arg(now_ms), new_epoch(), session_ttl_ms]
+    async def _create(
+        self, session_id: str, session_ttl_ms: int, now_ms: int | None, listener: str | None = None
+    ) -> tuple[bool, str]:
+        args: list[str | int] = [_now_arg(now_ms), new_epoch(), session_ttl_ms, listener or ""]
         created, epoch = await self._run("create", self._create_script(keys=self._keys(session_id), args=args))
         return bool(created), epoch.decode()
 
@@ -572,9 +586,16 @@ class RedisStore:
         created, _ = await self._create(session_id, session_ttl_ms, now_ms)
         return created
 
-    async def ensure(self, session_id: str, session_ttl_ms: int, *, now_ms: int | None = None) -> str:
-        """The session's epoch, creating the session if absent (a first connection does)."""
-        _, epoch = await self._create(session_id, session_ttl_ms, now_ms)
+    async def ensure(
+        self, session_id: str, session_ttl_ms: int, *, now_ms: int | None = None, listener: str | None = None
+    ) -> str:
+        """The session's epoch, creating the session if absent (a first connection does).
+
+        `listener`: this node's id, once Redis confirmed its subscription to the
+        session's channel and before it reads the stream: from then on a publish
+        from another node is PUBLISHed (see `publish`'s `origin`).
+        """
+        _, epoch = await self._create(session_id, session_ttl_ms, now_ms, listener)
         return epoch
 
     async def delete(self, session_id: str) -> bool:
@@ -584,12 +605,17 @@ class RedisStore:
         args = [self.events_channel(session_id), session_id + "\n"]
         return bool(await self._run("delete", self._delete(keys=keys, args=args)))
 
-    async def touch(self, session_ids: list[str], session_ttl_ms: int) -> None:
-        """Every key of these sessions lives session_ttl from now (one script call each, PIPELINE_CHUNK a pipeline)."""
+    async def touch(self, session_ids: list[str], session_ttl_ms: int, listener: str | None = None) -> None:
+        """Every key of these sessions lives session_ttl from now (one script call each, PIPELINE_CHUNK a pipeline).
+
+        `listener`: restamp this node's mark as hearing each of them (see `ensure`);
+        a mark not restamped for Limits.connection_stale_ms is a dead node's.
+        """
         for sessions in batched(session_ids, PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for session_id in sessions:
-                await self._touch(keys=self._keys(session_id), args=[session_ttl_ms], client=pipe)  # queues it
+                args: list[str | int] = [session_ttl_ms, listener or ""]
+                await self._touch(keys=self._keys(session_id), args=args, client=pipe)  # queues it
             await self._run("touch", pipe.execute())
 
     # -- connections -------------------------------------------------------------

@@ -1,12 +1,12 @@
 -- Shared by every session script: broker/cluster/store.py prepends this file
 -- to each of them before SCRIPT LOAD (Redis scripts cannot include files).
 --
--- KEYS[1..7] of every session script, all with the session's hash tag:
---   meta, stream, dedup, dedupz, tasks, undelivered, conns
--- (layout: broker/cluster/store.py module docstring). Extra keys follow at 8+.
+-- KEYS[1..8] of every session script, all with the session's hash tag:
+--   meta, stream, dedup, dedupz, tasks, undelivered, conns, listeners
+-- (layout: broker/cluster/store.py module docstring). Extra keys follow at 9+.
 
 local K_META, K_STREAM, K_DEDUP, K_DEDUPZ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_TASKS, K_UNDELIVERED, K_CONNS = KEYS[5], KEYS[6], KEYS[7]
+local K_TASKS, K_UNDELIVERED, K_CONNS, K_LISTENERS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 -- The cluster's one clock: Redis TIME in ms, so nodes' clock skew never
 -- changes a throttle or dedup decision. A non-empty `override` is a test's
@@ -36,7 +36,7 @@ end
 local function expire_session(ttl_ms, unrecorded)
   ttl_ms = tonumber(ttl_ms)
   local live = redis.call('PEXPIRE', K_META, ttl_ms) == 1
-  for i = 2, 7 do
+  for i = 2, 8 do
     redis.call('PEXPIRE', KEYS[i], ttl_ms)
   end
   if live and unrecorded then
@@ -46,10 +46,21 @@ local function expire_session(ttl_ms, unrecorded)
   end
 end
 
+-- Node `node_id` hears the session's channel (its subscription is confirmed):
+-- from now on a publish from any other node must PUBLISH (publish.lua). Stamped
+-- with Redis time; the node restamps it every check, and a stamp older than
+-- conn_stale_ms is a dead node's (publish.lua drops it). Written before the
+-- session's keys are given their expiry, so the key gets one too.
+local function mark_listener(node_id)
+  if node_id ~= nil and node_id ~= '' then
+    redis.call('HSET', K_LISTENERS, node_id, redis_time_ms())
+  end
+end
+
 -- A session's life begins (it had no meta). Keys an earlier life left behind
 -- (expiry removes keys one by one, so one may outlive meta by a moment) are
--- dropped so seqs restart at 1 and no old event_id answers. `conns` stays:
--- it is the nodes' registry of live connections, not history.
+-- dropped so seqs restart at 1 and no old event_id answers. `conns` and
+-- `listeners` stay: they are the nodes' registries, not history.
 local function begin_life(epoch, now)
   redis.call('DEL', K_STREAM, K_DEDUP, K_DEDUPZ, K_TASKS, K_UNDELIVERED)
   redis.call('HSET', K_META, 'epoch', epoch, 'seq', 0, 'created_ms', now, 'throttled', 0)
@@ -184,9 +195,10 @@ local function commit(epoch, event_json, etype, task_key, event_id, buffer_size,
 end
 
 -- After the commits of a call: forget `undelivered` seqs the stream trimmed,
--- then announce the whole call in one payload: "E <epoch>" and a line per message.
+-- then announce the whole call in one payload: "E <epoch>" and a line per message,
+-- unless `unheard` (no node but the caller hears the channel, publish.lua).
 -- Returns that payload ('' when nothing was committed).
-local function finish_commits(epoch, channel)
+local function finish_commits(epoch, channel, unheard)
   if #lines == 0 then
     return ''
   end
@@ -201,7 +213,9 @@ local function finish_commits(epoch, channel)
     end
   end
   local payload = 'E ' .. epoch .. '\n' .. table.concat(lines, '\n')
-  redis.call('PUBLISH', channel, payload)
+  if not unheard then
+    redis.call('PUBLISH', channel, payload)
+  end
   return payload
 end
 

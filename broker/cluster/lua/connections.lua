@@ -1,5 +1,5 @@
 -- connections: a session's live connections on every node, stale ones dropped (common.lua first).
--- KEYS[1..7] session keys. ARGV: [1] conn_stale_ms (0: every record is live).
+-- KEYS[1..8] session keys. ARGV: [1] conn_stale_ms (0: every record is live).
 -- A record is stale when its node has not rewritten it for conn_stale_ms: the node died.
 -- Returns {connection_id, record, ...} of the live ones.
 

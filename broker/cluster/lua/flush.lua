@@ -1,5 +1,5 @@
 -- flush: the trailing edge of one task's throttle (common.lua first).
--- KEYS[1..7] session keys, KEYS[8] the global due set.
+-- KEYS[1..8] session keys, KEYS[9] the global due set.
 -- ARGV: [1] now_ms ('' = Redis TIME; tests only), [2] task_id, [3] due member,
 --   [4] max_interval_ms, [5] buffer_size, [6] session_ttl_ms, [7] events channel,
 --   [8] conn_stale_ms (common.lua; '' or absent: none).
@@ -8,7 +8,7 @@
 -- Idempotent: nothing held (delivered, discarded, flushed already, session
 -- gone) does nothing but forget the due entry.
 
-local K_DUE = KEYS[8]
+local K_DUE = KEYS[9]
 local now = clock_ms(ARGV[1])
 local task_id, member = ARGV[2], ARGV[3]
 local max_interval = tonumber(ARGV[4])

@@ -1,5 +1,5 @@
 -- publish: one batch of events into one session, atomically (common.lua first).
--- KEYS[1..7] session keys (common.lua), KEYS[8] the global due set, KEYS[9] the query lock.
+-- KEYS[1..8] session keys (common.lua), KEYS[9] the global due set, KEYS[10] the query lock.
 -- ARGV (few and packed: each argument costs the node's client more than its bytes):
 --   [1] now_ms ('' = Redis TIME; tests only), [2] candidate epoch,
 --   [3] the limits, space-separated: buffer_size dedup_window_ms min_delta
@@ -11,12 +11,24 @@
 --       (without it the node has no connection to the session, nobody to hand
 --       it to); 'a' when a connection on the calling node admits every type
 --       (then no event is `undelivered`, and `conns` need not be read),
---   [8] the events' fields, a JSON array with one array of 5 strings per event:
+--   [8] the calling node's id ('' = always PUBLISH): when no other live node
+--       is marked in `listeners` (common.lua mark_listener), nobody else hears
+--       the channel, so the payload is not PUBLISHed but returned, and the caller
+--       delivers it to its own connections from the reply,
+--   [9] the events' fields, a JSON array with one array of 5 strings per event:
 --       event_id, type, task_id ('' if none), progress (text, '' if none),
 --       current_action ('' for none, else '=' .. text),
---   [9 ..] the events' JSON, in the same order.
+--   [10 ..] the events' JSON, in the same order.
 -- Returns {seqs (0 = null), held {task_id, due_ms, ...}, throttled, received, now_ms,
---   the published payload ('' when nothing was committed or it was not asked for)}.
+--   the payload ('' when nothing was committed, or when it was published and
+--   not asked for), 1 if it was PUBLISHed else 0}.
+--
+-- Why skipping is safe: a node marks itself only once Redis confirmed its
+-- SUBSCRIBE, and reads the stream only after marking itself. A publish that
+-- runs before the mark is in the stream that node reads; one that runs after
+-- it sees the mark and publishes. A node's own connections get the payload
+-- from the reply (broker/cluster/node.py), in seq order by the same merge as
+-- pub/sub copies. A stale mark costs only a PUBLISH nobody needed.
 --
 -- Per event, in order, exactly as the memory backend (actors/session.py
 -- publish, actors/throttle.py ProgressThrottle, actors/dedup.py):
@@ -25,7 +37,7 @@
 -- task_failed drop what is held and finish the task; task_started restarts a
 -- finished task; everything else is committed.
 
-local K_DUE = KEYS[8]
+local K_DUE = KEYS[9]
 local now = clock_ms(ARGV[1])
 local limits = {}
 for value in string.gmatch(ARGV[3], '%S+') do
@@ -40,7 +52,8 @@ local echo = string.find(ARGV[7], 'e', 1, true) ~= nil
 if string.find(ARGV[7], 'a', 1, true) then
   conn_filters = {{'*'}}  -- anyone_admits: someone does, whatever the other nodes' records say
 end
-local fields = cjson.decode(ARGV[8])
+local origin = ARGV[8]
+local fields = cjson.decode(ARGV[9])
 local n = #fields
 
 local epoch, exp_ms = session_epoch(ARGV[2], now)
@@ -156,7 +169,7 @@ for i = 1, n do
   else
     received = received + 1
     redis.call('ZADD', K_DEDUPZ, now, event_id)
-    local json = ARGV[8 + i]
+    local json = ARGV[9 + i]
     if etype == 'task_progress' then
       local action = event[5]
       if action == '' then
@@ -213,12 +226,37 @@ end
 if throttled > 0 then
   redis.call('HINCRBY', K_META, 'throttled', throttled)
 end
-local payload = finish_commits(epoch, channel)
-renew_session(keys_created)
-if release_query ~= '' and KEYS[9] and redis.call('GET', KEYS[9]) == release_query then
-  redis.call('DEL', KEYS[9])
+-- Whether a live node other than the caller hears the session's channel;
+-- stale marks (their node stopped restamping them: it died) are dropped.
+local function heard_elsewhere()
+  if origin == '' then
+    return true
+  end
+  local stamp_now = redis_time_ms()  -- marks are Redis time, even under a test's injected clock
+  local marks = redis.call('HGETALL', K_LISTENERS)
+  local heard = false
+  for i = 1, #marks, 2 do
+    if marks[i] ~= origin then
+      if conn_stale_ms > 0 and tonumber(marks[i + 1]) < stamp_now - conn_stale_ms then
+        redis.call('HDEL', K_LISTENERS, marks[i])
+      else
+        heard = true
+      end
+    end
+  end
+  return heard
 end
-if not echo then
+
+local published = 0
+if #lines > 0 and heard_elsewhere() then
+  published = 1
+end
+local payload = finish_commits(epoch, channel, published == 0)
+renew_session(keys_created)
+if release_query ~= '' and KEYS[10] and redis.call('GET', KEYS[10]) == release_query then
+  redis.call('DEL', KEYS[10])
+end
+if published == 1 and not echo then
   payload = ''
 end
-return {seqs, held, throttled, received, now, payload}
+return {seqs, held, throttled, received, now, payload, published}

@@ -1,5 +1,5 @@
 -- read: the session's history after a seq, in one consistent snapshot (common.lua first).
--- KEYS[1..7] session keys. ARGV: [1] after_seq.
+-- KEYS[1..8] session keys. ARGV: [1] after_seq.
 -- Returns {epoch, last_seq, first_seq, entries}; a missing session is {'', 0, 1, {}}
 -- (a read never creates a session).
 

@@ -1,6 +1,6 @@
 -- read_missed: what no connection on any node was sent yet (replay=missed),
 -- as far as one connection's filter admits it (common.lua first).
--- KEYS[1..7] session keys. ARGV: [1] the connection's filter echo as JSON ('' = all).
+-- KEYS[1..8] session keys. ARGV: [1] the connection's filter echo as JSON ('' = all).
 -- Returns {epoch, last_seq, first_seq, entries} like read.lua; what it returns
 -- leaves `undelivered` (it is being sent now), what the filter refuses stays.
 
