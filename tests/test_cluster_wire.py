@@ -196,19 +196,25 @@ async def test_the_copy_of_a_publish_sent_from_its_reply_is_dropped_unparsed_and
     assert sum(b"from-b" in payload for payload in parsed) == 2  # B's reply, and its copy on A, parsed as ever
 
 
-async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes, monkeypatch):
-    a, b = nodes
-    follower = await followed_on_both(a, b, "e2")
-    assert a.broker.cluster is not None
-    store = a.broker.cluster.store
-    holes_read: list[Any] = []
+def stream_reads(node: Node, monkeypatch: Any) -> list[Any]:
+    """The node's reads of a session's stream from now on (its mirrors' loads and hole fills), as they are made."""
+    assert node.broker.cluster is not None
+    store = node.broker.cluster.store
+    reads: list[Any] = []
     read = store.read
 
     async def counted_read(*args: Any, **kwargs: Any) -> Any:
-        holes_read.append(args)
+        reads.append(args)
         return await read(*args, **kwargs)
 
-    monkeypatch.setattr(store, "read", counted_read)  # the mirror's loads and hole fills read the stream here
+    monkeypatch.setattr(store, "read", counted_read)
+    return reads
+
+
+async def test_a_reply_that_overtakes_another_nodes_publish_waits_for_pub_sub_order(nodes, monkeypatch):
+    a, b = nodes
+    follower = await followed_on_both(a, b, "e2")
+    holes_read = stream_reads(a, monkeypatch)
     copies = HeldCopies(a)
     assert (await b.publish("e2", {"type": "task_started", "task_id": "from-b"})).code == 202  # seq 1, not heard on A
     assert (await a.publish("e2", {"type": "task_started", "task_id": "from-a"})).code == 202  # seq 2, A's reply
@@ -258,16 +264,7 @@ async def test_an_unpublished_reply_that_overtakes_another_nodes_publish_fills_t
     a, b = nodes
     follower = await a.client(session_id="q3")
     await follower.expect(type="connected")
-    assert a.broker.cluster is not None
-    store = a.broker.cluster.store
-    holes_read: list[Any] = []
-    read = store.read
-
-    async def counted_read(*args: Any, **kwargs: Any) -> Any:
-        holes_read.append(args)
-        return await read(*args, **kwargs)
-
-    monkeypatch.setattr(store, "read", counted_read)
+    holes_read = stream_reads(a, monkeypatch)
     copies = HeldCopies(a)
     assert (await b.publish("q3", {"type": "task_started", "task_id": "from-b"})).code == 202  # seq 1, held on A
     assert (await a.publish("q3", {"type": "task_started", "task_id": "from-a"})).code == 202  # seq 2, unpublished
