@@ -709,6 +709,18 @@ async def test_a_publish_is_published_only_when_another_live_node_hears_the_sess
     assert [r.seqs for r in (alone, mine, heard, stale, again, unnamed)] == [[1], [2], [3], [4], [5], [6]]
 
 
+async def test_a_touch_names_the_sessions_whose_mark_had_lapsed(store, raw):
+    """A node whose mark was missing or stale may have missed publishes that were not PUBLISHed: it must read them."""
+    kept, lost, old = sid(), sid(), sid()
+    for s in (kept, old):
+        await store.ensure(s, 60_000, listener="n1")
+    await store.ensure(lost, 60_000)  # never marked (or the mark was lost with Redis's data)
+    await raw.hset(f"ab:{{{old}}}:listeners", "n1", 1)  # not restamped for longer than stale_ms
+    assert await store.touch([kept, lost, old], 60_000, listener="n1", stale_ms=60_000) == [lost, old]
+    assert await store.touch([kept, lost, old], 60_000, listener="n1", stale_ms=60_000) == []  # all marked now
+    assert await store.touch([kept, lost], 60_000) == []  # without a listener nothing is marked or named
+
+
 # -- round trips, scripts, faults ------------------------------------------------------------
 
 

@@ -277,6 +277,17 @@ async def test_an_unpublished_reply_that_overtakes_another_nodes_publish_fills_t
     assert await seqs_of(follower, 1) == [3]
 
 
+async def test_a_node_whose_mark_lapsed_reads_what_was_not_published_to_it(nodes, redis_server):
+    a, b = nodes
+    on_b = await b.client(session_id="q5")
+    await on_b.expect(type="connected")
+    # B's mark as if B had not restamped it for longer than 3 x backend_check_interval (an overloaded node)
+    redis_server.command("HSET", "ab:{q5}:listeners", "node-b", "1")
+    assert (await a.publish("q5", {"type": "task_started", "task_id": "while-stale"})).code == 202  # not PUBLISHed
+    # B's next check marks it again, sees the mark had lapsed, and reads the stream: nothing else would bring seq 1
+    assert await seqs_of(on_b, 1) == [1]
+
+
 async def test_a_node_marks_itself_again_after_its_subscription_is_restored(io_loop, dispatcher, redis_server):
     # A long check interval: only the restore can mark B again within the test.
     a = await start_node(redis_server.url, "node-a", backend_check_interval=30.0)

@@ -26,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -235,7 +235,11 @@ class ClusterNode:
             self.nodes = await self.store.live_nodes(silent_ms(self.settings))
             sessions = [sid for sid, _ in self.directory.items()]
             if sessions:
-                await self.store.touch(sessions, self._limits().session_ttl_ms, listener=self.node_id)
+                limits = self._limits()
+                lapsed = await self.store.touch(
+                    sessions, limits.session_ttl_ms, listener=self.node_id, stale_ms=limits.connection_stale_ms
+                )
+                self._resync(lapsed)  # marked again now; what was published while the mark was gone is in the stream
             await self._sync_connections()
             await self._renew_query_locks()
         except BackendUnavailable as exc:
@@ -595,7 +599,13 @@ class ClusterNode:
             if sessions:
                 await self.store.touch(sessions, self._limits().session_ttl_ms, listener=self.node_id)
         finally:  # Redis down again: read anyway; the next restore marks and reads again
-            for _, ref in self.directory.items():
+            self._resync(sid for sid, _ in self.directory.items())
+
+    def _resync(self, sessions: Iterable[str]) -> None:
+        """These sessions' mirrors read what came after their newest seq (they may have missed it)."""
+        for sid in sessions:
+            ref = self.directory.get(sid)
+            if ref is not None:
                 with contextlib.suppress(ActorDeadError):
                     ref.tell(RESYNC)
 

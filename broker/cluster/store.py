@@ -21,8 +21,9 @@ carries the session id as a hash tag, so they hash to one slot:
     ab:throttle:due       zset    "<sid>\\n<task_id>" scored by due time: the trailing-edge sweep
     ab:nodes              hash    node_id -> last heartbeat (Redis time, ms)
 
-Channels: `ab:{sid}:events` (one payload per publish or flush call, or a
-deletion; broker/cluster/payload.py parses it), `ab:broadcast`, `ab:canary:<node_id>`.
+Channels: `ab:{sid}:events` (one payload per publish that a node other than
+the caller hears, per flush call, or a deletion; broker/cluster/payload.py
+parses it), `ab:broadcast`, `ab:canary:<node_id>`.
 
 Every decision that must hold across nodes (dedup, throttle, seq, trim,
 `undelivered`) is taken inside one Lua script per call (broker/cluster/lua/,
@@ -605,18 +606,27 @@ class RedisStore:
         args = [self.events_channel(session_id), session_id + "\n"]
         return bool(await self._run("delete", self._delete(keys=keys, args=args)))
 
-    async def touch(self, session_ids: list[str], session_ttl_ms: int, listener: str | None = None) -> None:
+    async def touch(
+        self, session_ids: list[str], session_ttl_ms: int, listener: str | None = None, stale_ms: int = 0
+    ) -> list[str]:
         """Every key of these sessions lives session_ttl from now (one script call each, PIPELINE_CHUNK a pipeline).
 
         `listener`: restamp this node's mark as hearing each of them (see `ensure`);
-        a mark not restamped for Limits.connection_stale_ms is a dead node's.
+        a mark not restamped for `stale_ms` (Limits.connection_stale_ms) is a dead
+        node's. Returns the sessions whose mark was missing or stale before: other
+        nodes may have published to them without PUBLISHing, so the node reads
+        their streams ([] without `listener`).
         """
+        lapsed: list[str] = []
         for sessions in batched(session_ids, PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for session_id in sessions:
-                args: list[str | int] = [session_ttl_ms, listener or ""]
+                args: list[str | int] = [session_ttl_ms, listener or "", stale_ms]
                 await self._touch(keys=self._keys(session_id), args=args, client=pipe)  # queues it
-            await self._run("touch", pipe.execute())
+            marked = await self._run("touch", pipe.execute())
+            if listener:
+                lapsed += [sid for sid, fresh in zip(sessions, marked, strict=True) if not fresh]
+        return lapsed
 
     # -- connections -------------------------------------------------------------
 
