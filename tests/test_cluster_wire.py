@@ -307,7 +307,7 @@ async def test_a_node_marks_itself_again_after_its_subscription_is_restored(io_l
         redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
 
         async def marked_and_healthy() -> bool:
-            await asyncio.sleep(0)
+            await b.fetch("/healthz")  # an HTTP round trip: the node's loop runs between tries
             return subscriber.reconnects >= 1 and subscriber.healthy and marked()
 
         await wait_until(marked_and_healthy, timeout=10, what="node B's mark, written again after the restore")

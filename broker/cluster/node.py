@@ -26,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -233,13 +233,7 @@ class ClusterNode:
                     self.log.warning("redis_setting", problem=warning)
             await self.store.heartbeat(self.node_id)
             self.nodes = await self.store.live_nodes(silent_ms(self.settings))
-            sessions = [sid for sid, _ in self.directory.items()]
-            if sessions:
-                limits = self._limits()
-                lapsed = await self.store.touch(
-                    sessions, limits.session_ttl_ms, listener=self.node_id, stale_ms=limits.connection_stale_ms
-                )
-                self._resync(lapsed)  # marked again now; what was published while the mark was gone is in the stream
+            await self._mark_sessions()
             await self._sync_connections()
             await self._renew_query_locks()
         except BackendUnavailable as exc:
@@ -591,23 +585,31 @@ class ClusterNode:
         nodes' publishes would not be PUBLISHed to it), then the mirrors read.
         """
         self.log.info("subscription_restored", sessions=len(self.directory))
-        self._spawn(self._remark_and_resync())
+        self._spawn(self._mark_sessions(resync_all=True))
 
-    async def _remark_and_resync(self) -> None:
+    async def _mark_sessions(self, *, resync_all: bool = False) -> None:
+        """Keep this node's sessions alive and restamp its marks as hearing them (RedisStore.touch).
+
+        A mirror whose mark had lapsed reads the stream from its newest seq: other
+        nodes' publishes meanwhile may not have been PUBLISHed to it. `resync_all`
+        (after a restore): every mirror reads, even if Redis fails the touch.
+        """
         sessions = [sid for sid, _ in self.directory.items()]
+        lapsed = sessions if resync_all else []
         try:
             if sessions:
-                await self.store.touch(sessions, self._limits().session_ttl_ms, listener=self.node_id)
-        finally:  # Redis down again: read anyway; the next restore marks and reads again
-            self._resync(sid for sid, _ in self.directory.items())
-
-    def _resync(self, sessions: Iterable[str]) -> None:
-        """These sessions' mirrors read what came after their newest seq (they may have missed it)."""
-        for sid in sessions:
-            ref = self.directory.get(sid)
-            if ref is not None:
-                with contextlib.suppress(ActorDeadError):
-                    ref.tell(RESYNC)
+                limits = self._limits()
+                found = await self.store.touch(
+                    sessions, limits.session_ttl_ms, listener=self.node_id, stale_ms=limits.connection_stale_ms
+                )
+                if not resync_all:
+                    lapsed = found
+        finally:
+            for sid in lapsed:
+                ref = self.directory.get(sid)
+                if ref is not None:
+                    with contextlib.suppress(ActorDeadError):
+                        ref.tell(RESYNC)
 
     # -- tasks -------------------------------------------------------------------
 

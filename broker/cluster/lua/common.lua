@@ -112,6 +112,13 @@ local function conn_live(raw, now)
   return seen == nil or seen >= now - conn_stale_ms
 end
 
+-- A node's mark in `listeners` (mark_listener, or nil when it has none) is live
+-- under its connection records' rule: restamped within conn_stale_ms.
+local function listener_live(stamp, now)
+  stamp = tonumber(stamp)
+  return stamp ~= nil and (conn_stale_ms <= 0 or stamp >= now - conn_stale_ms)
+end
+
 -- Whether some live connection of the session, on any node, admits `etype`
 -- (decides `undelivered`, i.e. replay=missed). `conns` is read once per call;
 -- stale records are dropped on the way.

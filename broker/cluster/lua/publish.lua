@@ -237,10 +237,10 @@ local function heard_elsewhere()
   local heard = false
   for i = 1, #marks, 2 do
     if marks[i] ~= origin then
-      if conn_stale_ms > 0 and tonumber(marks[i + 1]) < stamp_now - conn_stale_ms then
-        redis.call('HDEL', K_LISTENERS, marks[i])
-      else
+      if listener_live(marks[i + 1], stamp_now) then
         heard = true
+      else
+        redis.call('HDEL', K_LISTENERS, marks[i])
       end
     end
   end

@@ -8,15 +8,12 @@
 -- nodes' publishes meanwhile may not have been PUBLISHed to it (publish.lua), so
 -- it reads the stream for them.
 
-local lapsed = 0
+conn_stale_ms = tonumber(ARGV[3]) or 0
 local node_id = ARGV[2]
-if node_id ~= nil and node_id ~= '' then
-  local stamp = tonumber(redis.call('HGET', K_LISTENERS, node_id))
-  local stale_ms = tonumber(ARGV[3]) or 0
-  if stamp == nil or (stale_ms > 0 and stamp < redis_time_ms() - stale_ms) then
-    lapsed = 1
-  end
+local fresh = 1
+if node_id ~= nil and node_id ~= '' and not listener_live(redis.call('HGET', K_LISTENERS, node_id), redis_time_ms()) then
+  fresh = 0
 end
 mark_listener(node_id)
 expire_session(ARGV[1])
-return 1 - lapsed
+return fresh
